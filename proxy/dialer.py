@@ -1,0 +1,139 @@
+"""The contract between the fronts and whatever carries their bytes.
+
+A front asks a :class:`Dialer` for a :class:`Stream` to ``host:port``. The gateway's dialer opens an SSH
+``direct-tcpip`` channel through a node's tunnel; tests may hand in :class:`TCPDialer`, which connects directly.
+Failures are :class:`DialError` subclasses carrying the HTTP status and a short reason a front should answer with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, runtime_checkable
+
+
+class DialError(Exception):
+    """A dial failed. ``status`` is the HTTP status a front should answer with."""
+
+    status: int = 502
+    reason: str = "Bad Gateway"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DestinationNotAllowed(DialError):
+    """The destination is outside the configured policy."""
+
+    status = 403
+    reason = "Forbidden"
+
+
+class NoTunnel(DialError):
+    """No node owns the destination, and no healthy tunnel may carry it."""
+
+    status = 503
+    reason = "Service Unavailable"
+
+
+class TunnelDown(DialError):
+    """The owning node's tunnel is not connected."""
+
+    status = 502
+    reason = "Bad Gateway"
+
+
+class ChannelRefused(DialError):
+    """The node's sshd refused to open the forwarded channel."""
+
+    status = 502
+    reason = "Bad Gateway"
+
+
+class DialTimeout(DialError):
+    """Opening the channel took longer than the dial timeout."""
+
+    status = 504
+    reason = "Gateway Timeout"
+
+
+class StreamError(Exception):
+    """A stream broke while in use (the tunnel dropped, the peer reset). Never a clean end of data."""
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """A bidirectional byte stream with half-close."""
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at the peer's end of data. Raises :class:`StreamError` if the stream broke."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``, waiting while the peer is not reading (backpressure)."""
+        ...
+
+    def write_eof(self) -> None:
+        """Half-close: no more data will be written."""
+        ...
+
+    async def close(self) -> None:
+        """Close both directions and release the stream."""
+        ...
+
+
+class Dialer(Protocol):
+    """Opens streams to ``host:port`` on the cluster side."""
+
+    async def dial(self, host: str, port: int) -> Stream:
+        """Open a stream or raise :class:`DialError`."""
+        ...
+
+
+class TCPStream:
+    """:class:`Stream` over an asyncio TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, n: int = 65536) -> bytes:
+        try:
+            return await self._reader.read(n)
+        except (ConnectionError, OSError) as exc:
+            raise StreamError(str(exc)) from exc
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise StreamError(str(exc)) from exc
+
+    def write_eof(self) -> None:
+        if self._writer.can_write_eof() and not self._writer.is_closing():
+            self._writer.write_eof()
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class TCPDialer:
+    """A :class:`Dialer` that connects directly over TCP (for tests and local targets)."""
+
+    def __init__(self, timeout: float = 10.0) -> None:
+        self._timeout = timeout
+
+    async def dial(self, host: str, port: int) -> Stream:
+        try:
+            async with asyncio.timeout(self._timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except TimeoutError as exc:
+            raise DialTimeout(f"connect to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise ChannelRefused(f"connect to {host}:{port}: {exc.strerror or exc}") from exc
+        return TCPStream(reader, writer)
