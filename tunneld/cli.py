@@ -1,0 +1,140 @@
+"""The ``tunneld`` command line (click)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tunneld import __version__, render
+from tunneld.config import Config, load_config
+from tunneld.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
+DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
+
+
+@click.group()
+@click.version_option(__version__, prog_name="tunneld")
+def main() -> None:
+    """SSH-tunnel proxy gateway for control-plane to node traffic."""
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        raise SystemExit(2) from exc
+
+
+@main.command("check-config")
+@click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
+def check_config(config: str) -> None:
+    """Validate CONFIG and its inventory; print every mistake, exit non-zero if there is one."""
+    cfg = _load(config)
+    click.echo(f"{cfg.path}: ok ({len(cfg.nodes)} nodes)")
+
+
+@main.command()
+@click.option("--config", "-c", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--grace", default=10.0, show_default=True, help="Seconds open streams may take to finish on SIGTERM.")
+def serve(config: str, grace: float) -> None:
+    """Run the gateway daemon."""
+    from tunneld import lifecycle, logs
+    from tunneld.app import Gateway
+
+    cfg = _load(config)
+    logs.setup(cfg.log_level, cfg.log_format)
+
+    async def main_() -> None:
+        gateway = Gateway(cfg)
+        signals = lifecycle.Signals(gateway.reload)
+        try:
+            await gateway.start()
+            await signals.stop.wait()
+        finally:
+            signals.close()
+            await gateway.stop(grace)
+
+    lifecycle.run(main_())
+
+
+@main.command()
+@click.option("--nodes", "-n", default=3, show_default=True, type=click.IntRange(1, 250))
+@click.option("--ssh-port", default=2222, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--base-address", default="127.0.1.1", show_default=True, help="Address of the first node.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where keys and config go.")
+@click.option("--check", is_flag=True, help="Print status and a healthz through every tunnel, then exit.")
+@click.option("--log-level", default="warning", show_default=True)
+def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool, log_level: str) -> None:
+    """Start N simulated nodes and a gateway against them (nothing outside this package needed)."""
+    from tunneld import lifecycle, logs
+    from tunneld.dev import cluster
+
+    logs.setup(log_level)
+    code = lifecycle.run(cluster.run(nodes, ssh_port, base_address, workdir, check))
+    sys.exit(code)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _get(socket_path: str, path: str) -> Any:
+    conn = _UnixHTTPConnection(socket_path, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        msg = f"cannot reach the daemon at {socket_path}: {exc.strerror} (is it running?)"
+        raise click.ClickException(msg) from exc
+    except PermissionError as exc:
+        msg = f"no permission to use {socket_path} (run as root or as the daemon's group)"
+        raise click.ClickException(msg) from exc
+    except OSError as exc:
+        raise click.ClickException(f"talking to {socket_path}: {exc}") from exc
+    finally:
+        conn.close()
+    if resp.status == 404:
+        raise click.ClickException(body.decode().strip())
+    if resp.status != 200:
+        raise click.ClickException(f"daemon answered {resp.status}: {body.decode()[:200]}")
+    return json.loads(body)
+
+
+@main.command()
+@click.argument("node", required=False)
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, envvar="TUNNELD_SOCKET")
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def status(node: str | None, socket_path: str, output: str) -> None:
+    """Show the tunnels of the running daemon (unhealthy first), or one NODE."""
+    if node:
+        data = _get(socket_path, f"/tunnels/{node}")
+        tunnels = [data]
+    else:
+        data = _get(socket_path, "/tunnels")
+        tunnels = data["tunnels"]
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(render.table(tunnels))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,104 @@
+"""A simulated node's sshd (asyncssh server), for the dev cluster.
+
+It accepts the gateway's key, presents a host key signed by the dev SSH CA, and answers ``direct-tcpip`` requests the
+way a node's sshd would, except that the node's "loopback" (127.0.0.1, ::1, localhost, and its own name and
+address) is mapped onto the simulated kubelet's address, because all simulated nodes share this host's loopback.
+Everything else is refused: a simulated node reaches nothing beyond itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from tunneld.dev.pki import write_private
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass
+class SSHMaterial:
+    """The dev cluster's SSH trust: a CA and the gateway's client key, written under ``directory``."""
+
+    directory: Path
+    ca: asyncssh.SSHKey
+    client: asyncssh.SSHKey
+
+    @classmethod
+    def generate(cls, directory: Path) -> SSHMaterial:
+        ca = asyncssh.generate_private_key("ssh-ed25519", comment="tunneld-dev-ssh-ca")
+        client = asyncssh.generate_private_key("ssh-ed25519", comment="tunneld-dev-gateway")
+        write_private(directory / "gateway_ed25519", client.export_private_key())
+        (directory / "gateway_ed25519.pub").write_bytes(client.export_public_key())
+        (directory / "ssh_ca.pub").write_bytes(ca.export_public_key())
+        return cls(directory, ca, client)
+
+    def known_hosts_line(self, pattern: str) -> str:
+        """The ``@cert-authority`` line trusting host keys signed by the CA for hosts matching ``pattern``."""
+        return f"@cert-authority {pattern} {self.ca.export_public_key().decode().strip()}\n"
+
+    def host_identity(self, name: str, address: str) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        cert = self.ca.generate_host_certificate(
+            key, name, principals=[name, address], valid_after="-5m", valid_before="+1d"
+        )
+        return key, cert
+
+
+class _NodeServer(asyncssh.SSHServer):
+    def __init__(self, node: SimNode) -> None:
+        self._node = node
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        node = self._node
+        if dest_host.lower() in LOOPBACK_NAMES or dest_host in (node.name, node.address):
+            assert self._conn is not None
+            return self._conn.forward_connection(node.address, dest_port)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"{dest_host} is not reachable from {node.name}")
+
+
+@dataclass
+class SimNode:
+    """One simulated node's sshd, listening on ``address:port``."""
+
+    name: str
+    address: str
+    port: int
+    material: SSHMaterial
+    _server: asyncssh.SSHAcceptor | None = None
+
+    async def start(self) -> None:
+        key, cert = self.material.host_identity(self.name, self.address)
+        authorized = asyncssh.import_authorized_keys(self.material.client.export_public_key().decode())
+        self._server = await asyncssh.create_server(
+            lambda: _NodeServer(self),
+            self.address,
+            self.port,
+            server_host_keys=[(key, cert)],
+            authorized_client_keys=authorized,
+            allow_scp=False,
+            line_editor=False,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None

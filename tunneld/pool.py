@@ -1,0 +1,269 @@
+"""The tunnel pool: one supervised SSH connection per inventory node.
+
+Each :class:`Tunnel` runs a supervisor task: connect (holding one of a bounded number of connect slots, so thousands
+of nodes do not stampede their sshds or our CPU), probe health periodically while connected, and on failure wait an
+exponential, jittered backoff before the next attempt. All state lives in a :class:`~tunneld.state.TunnelStateMachine`;
+this module performs the I/O the machine's states call for.
+
+:meth:`Pool.apply` takes a whole new inventory: it first decides (a pure :func:`~tunneld.inventory.diff`), then acts:
+added nodes connect, removed nodes drain and close, changed nodes reconnect, unchanged tunnels are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tunneld import ssh
+from tunneld.config import HealthSettings, Node, SSHSettings
+from tunneld.errors import ConnectFailed, HostKeyRejected, TunnelDown
+from tunneld.inventory import InventoryDiff, OwnerIndex, diff
+from tunneld.probe import ProbeFailed, probe
+from tunneld.state import Backoff, Event, State, TunnelStateMachine
+
+log = logging.getLogger("tunneld.pool")
+
+Connector = Callable[[Node, SSHSettings, ssh.Counters], Awaitable[ssh.SSHLink]]
+StateListener = Callable[["Tunnel", State, State], None]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The outcome of the last health probe."""
+
+    at: float
+    ok: bool
+    latency: float
+    detail: str
+
+
+class Tunnel:
+    """One node's supervised SSH connection."""
+
+    def __init__(self, node: Node, pool: Pool) -> None:
+        self.node = node
+        self._pool = pool
+        self.machine = TunnelStateMachine(
+            pool.clock, pool.health.failure_threshold, pool.ssh.max_reconnect_attempts
+        )
+        self.counters = ssh.Counters()
+        self.link: ssh.SSHLink | None = None
+        self.last_probe: ProbeResult | None = None
+        self.next_retry: float | None = None
+        self._last_exc: Exception | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"tunnel:{self.node.name}")
+
+    async def open_stream(self, host: str, port: int, timeout: float) -> ssh.ChannelStream:
+        """Open a forwarded channel through this tunnel. Raises :class:`TunnelDown` when not connected."""
+        link = self.link
+        if link is None or self.state not in (State.UP, State.DEGRADED):
+            why = f": {self.machine.last_error}" if self.machine.last_error else ""
+            raise TunnelDown(f"tunnel to node {self.node.name} is {self.state.value}{why}")
+        return await link.open_stream(host, port, timeout)
+
+    def _event(self, event: Event, error: str | None = None) -> None:
+        before = self.machine.state
+        after = self.machine.handle(event, error)
+        if after is not before:
+            level = logging.INFO
+            if after in (State.DOWN, State.DEGRADED):
+                level = logging.ERROR if isinstance(self._last_exc, HostKeyRejected) else logging.WARNING
+            log.log(
+                level, "tunnel %s", after.value,
+                extra={"node": self.node.name, "address": self.node.address, "from": before.value,
+                       "error": error},
+            )
+            for listener in self._pool.listeners:
+                listener(self, before, after)
+
+    async def _supervise(self) -> None:
+        pool = self._pool
+        while True:
+            if self.machine.gave_up:
+                log.error(
+                    "giving up on node after %d failed attempts; reload to retry", self.machine.connect_failures,
+                    extra={"node": self.node.name},
+                )
+                self.next_retry = None
+                await asyncio.Event().wait()
+            self.next_retry = None
+            self._event(Event.CONNECT)
+            try:
+                async with pool.connect_slots:
+                    link = await pool.connector(self.node, pool.ssh, self.counters)
+            except ConnectFailed as exc:
+                self._last_exc = exc
+                self._event(Event.CONNECT_FAILED, str(exc))
+                delay = pool.backoff.delay(self.machine.connect_failures, pool.rng())
+                self.next_retry = pool.clock() + delay
+                await asyncio.sleep(delay)
+                continue
+            self._last_exc = None
+            self.link = link
+            self._event(Event.CONNECTED)
+            prober = asyncio.create_task(self._probe_loop(link)) if pool.health.enabled else None
+            try:
+                reason = await link.wait_closed()
+            finally:
+                if prober is not None:
+                    prober.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await prober
+                link.close()
+                self.link = None
+            self._event(Event.LOST, reason)
+            # A short jittered pause so that many tunnels dropped at once (a network blip) reconnect spread out.
+            delay = pool.backoff.delay(1, pool.rng())
+            self.next_retry = pool.clock() + delay
+            await asyncio.sleep(delay)
+
+    async def _probe_loop(self, link: ssh.SSHLink) -> None:
+        health = self._pool.health
+        host = self.node.address if health.host == "@node" else health.host
+
+        async def connect(h: str, p: int) -> ssh.ChannelStream:
+            return await link.open_stream(h, p, health.timeout)
+
+        while not link.closed:
+            started = time.monotonic()
+            try:
+                body = await probe(connect, host, health.port, health.path, health.timeout)
+                result = ProbeResult(self._pool.clock(), True, time.monotonic() - started, body[:64])
+            except ProbeFailed as exc:
+                result = ProbeResult(self._pool.clock(), False, time.monotonic() - started, str(exc))
+            if link.closed:
+                return
+            self.last_probe = result
+            self._event(Event.PROBE_OK if result.ok else Event.PROBE_FAILED, None if result.ok else result.detail)
+            await asyncio.sleep(health.period)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop: let open channels finish for up to ``drain_timeout`` seconds, then close the connection."""
+        deadline = time.monotonic() + drain_timeout
+        if self.counters.open_channels:
+            log.info("draining %d open channels", self.counters.open_channels, extra={"node": self.node.name})
+        # A bounded poll: channels close from many tasks, and this runs once per removed node.
+        while self.counters.open_channels > 0 and time.monotonic() < deadline and self.link is not None:  # noqa: ASYNC110
+            await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        self._event(Event.STOP)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready view of the tunnel for the status API."""
+        m = self.machine
+        p = self.last_probe
+        return {
+            "node": self.node.name,
+            "address": self.node.address,
+            "ssh_port": self.node.ssh_port,
+            "state": m.state.value,
+            "since": m.since,
+            "last_error": m.last_error,
+            "connects": m.connects,
+            "connect_failures": m.connect_failures,
+            "next_retry": self.next_retry,
+            "open_channels": self.counters.open_channels,
+            "channels_total": self.counters.channels_total,
+            "bytes_in": self.counters.bytes_in,
+            "bytes_out": self.counters.bytes_out,
+            "last_probe": None if p is None else {
+                "at": p.at, "ok": p.ok, "latency_ms": round(p.latency * 1000, 2), "detail": p.detail,
+            },
+        }
+
+
+class Pool:
+    """All tunnels, keyed by node name, plus the index of which node owns which address."""
+
+    def __init__(
+        self,
+        ssh_settings: SSHSettings,
+        health: HealthSettings,
+        *,
+        connector: Connector = ssh.connect,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.ssh = ssh_settings
+        self.health = health
+        self.connector = connector
+        self.clock = clock
+        self.rng = rng
+        self.backoff = Backoff(
+            ssh_settings.backoff_initial, ssh_settings.backoff_max, ssh_settings.backoff_multiplier,
+            ssh_settings.backoff_jitter,
+        )
+        self.connect_slots = asyncio.Semaphore(ssh_settings.max_concurrent_connects)
+        self.listeners: list[StateListener] = []
+        self.tunnels: dict[str, Tunnel] = {}
+        self._nodes: dict[str, Node] = {}
+        self._index = OwnerIndex(())
+        self._draining: set[asyncio.Task[None]] = set()
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return dict(self._nodes)
+
+    def plan(self, nodes: Iterable[Node]) -> InventoryDiff:
+        """What :meth:`apply` would do with ``nodes``."""
+        return diff(self._nodes, nodes)
+
+    def apply(self, nodes: Iterable[Node], drain_timeout: float = 30.0) -> InventoryDiff:
+        """Make the pool match ``nodes``. Removed and replaced tunnels drain in the background."""
+        nodes = list(nodes)
+        change = self.plan(nodes)
+        self._nodes = {n.name: n for n in nodes}
+        self._index = OwnerIndex(nodes)
+        for node in change.removed + change.changed:
+            old = self.tunnels.pop(node.name)
+            task = asyncio.create_task(old.stop(drain_timeout), name=f"drain:{node.name}")
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        for node in change.added + change.changed:
+            tunnel = Tunnel(node, self)
+            self.tunnels[node.name] = tunnel
+            tunnel.start()
+        if not change.empty:
+            log.info(
+                "inventory applied: %d added, %d removed, %d changed, %d unchanged",
+                len(change.added), len(change.removed), len(change.changed), len(change.unchanged),
+            )
+        return change
+
+    def owner(self, host: str) -> Tunnel | None:
+        """The tunnel of the node that owns ``host``, or None when no node does."""
+        node = self._index.owner(host)
+        return None if node is None else self.tunnels.get(node.name)
+
+    def healthy(self) -> list[Tunnel]:
+        """Tunnels that are up and passing their health probe."""
+        return [t for t in self.tunnels.values() if t.machine.healthy]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [t.snapshot() for t in sorted(self.tunnels.values(), key=lambda t: t.node.name)]
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Stop every tunnel (draining open channels for up to ``drain_timeout``)."""
+        tunnels = list(self.tunnels.values())
+        self.tunnels.clear()
+        await asyncio.gather(*(t.stop(drain_timeout) for t in tunnels), *self._draining,
+                             return_exceptions=True)

@@ -1,0 +1,229 @@
+"""The SSH boundary: the only module of the daemon that imports asyncssh.
+
+:func:`connect` opens one client connection to a node's sshd with strict host-key checking and returns an
+:class:`SSHLink`; :meth:`SSHLink.open_stream` opens a ``direct-tcpip`` channel through it. asyncssh's exceptions are
+translated here into the project's typed errors (:mod:`tunneld.errors`), so nothing above this module needs to know
+which SSH library carries the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from tunneld.config import Node, SSHSettings
+from tunneld.errors import (
+    AuthFailed,
+    ChannelRefused,
+    ConnectFailed,
+    ConnectTimeout,
+    DialTimeout,
+    HostKeyRejected,
+    StreamError,
+    TunnelDown,
+)
+
+log = logging.getLogger("tunneld.ssh")
+
+# Larger than asyncssh's default so one channel can fill a fast link; still a hard bound on what one slow reader
+# can make the node's sshd buffer for us.
+CHANNEL_WINDOW = 4 * 1024 * 1024
+READ_SIZE = 256 * 1024
+
+
+@dataclass
+class Counters:
+    """Traffic through one tunnel (all its channels)."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    open_channels: int = 0
+    channels_total: int = 0
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self) -> None:
+        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(_describe(exc) if exc else "connection closed")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"disconnected: {exc.reason or type(exc).__name__}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _known_hosts(node: Node, ssh: SSHSettings) -> Any:
+    if node.host_key is not None:
+        try:
+            key = asyncssh.read_public_key(str(node.host_key))
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise HostKeyRejected(f"cannot read pinned host key {node.host_key}: {exc}") from exc
+        return ([key], [], [])
+    path = node.known_hosts or ssh.known_hosts
+    if path is None:
+        return None
+    try:
+        return asyncssh.read_known_hosts(str(path))
+    except (OSError, ValueError) as exc:
+        raise HostKeyRejected(f"cannot read known_hosts {path}: {exc}") from exc
+
+
+def _client_keys(ssh: SSHSettings) -> list[Any]:
+    if ssh.private_key is None:
+        raise AuthFailed("no ssh.private_key configured")
+    try:
+        key = asyncssh.read_private_key(str(ssh.private_key))
+        if ssh.certificate is not None:
+            return [(key, asyncssh.read_certificate(str(ssh.certificate)))]
+        return [key]
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise AuthFailed(f"cannot load client key: {exc}") from exc
+
+
+async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None) -> SSHLink:
+    """Connect and authenticate to ``node``'s sshd; channels count their traffic in ``counters``.
+
+    Raises :class:`ConnectFailed` subclasses.
+    """
+    if ssh.insecure_skip_host_key_check and node.host_key is None:
+        log.warning(
+            "host key of node %s is NOT verified (insecure_skip_host_key_check = true): "
+            "anyone on the path can impersonate it",
+            node.name,
+            extra={"node": node.name},
+        )
+        known_hosts = None
+    else:
+        known_hosts = _known_hosts(node, ssh)
+        if known_hosts is None:
+            raise HostKeyRejected("no known_hosts configured")
+    keys = _client_keys(ssh)
+    try:
+        conn, client = await asyncssh.create_connection(
+            _Client,
+            node.address,
+            node.ssh_port,
+            username=ssh.user,
+            client_keys=keys,
+            known_hosts=known_hosts,
+            config=None,
+            agent_path=None,
+            preferred_auth="publickey",
+            connect_timeout=ssh.connect_timeout,
+            login_timeout=ssh.connect_timeout,
+            keepalive_interval=ssh.keepalive_interval,
+            keepalive_count_max=ssh.keepalive_count_max,
+        )
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise HostKeyRejected(f"host key of {node.address}:{node.ssh_port} not trusted: {exc.reason}") from exc
+    except asyncssh.PermissionDenied as exc:
+        raise AuthFailed(f"authentication as {ssh.user!r} refused: {exc.reason}") from exc
+    except (TimeoutError, asyncssh.ConnectionLost) as exc:
+        raise ConnectTimeout(f"connect to {node.address}:{node.ssh_port}: {_describe(exc) or 'timed out'}") from exc
+    except asyncssh.Error as exc:
+        raise ConnectFailed(f"ssh to {node.address}:{node.ssh_port}: {_describe(exc)}") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"connect to {node.address}:{node.ssh_port}: {_describe(exc)}") from exc
+    assert isinstance(client, _Client)
+    return SSHLink(conn, client, node.name, counters or Counters())
+
+
+class SSHLink:
+    """One established SSH connection to a node."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, client: _Client, node: str, counters: Counters) -> None:
+        self._conn = conn
+        self._client = client
+        self.node = node
+        self.counters = counters
+
+    @property
+    def closed(self) -> bool:
+        return self._client.lost.done()
+
+    async def wait_closed(self) -> str:
+        """Wait until the connection is gone; returns why."""
+        return await asyncio.shield(self._client.lost)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    async def open_stream(self, host: str, port: int, timeout: float) -> ChannelStream:
+        """Open a ``direct-tcpip`` channel to ``host:port`` as seen from the node."""
+        if self.closed:
+            raise TunnelDown(f"tunnel to node {self.node} is closed")
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await self._conn.open_connection(
+                    host, port, encoding=None, window=CHANNEL_WINDOW
+                )
+        except TimeoutError as exc:
+            raise DialTimeout(f"opening a channel to {host}:{port} via node {self.node} timed out") from exc
+        except asyncssh.ChannelOpenError as exc:
+            raise ChannelRefused(
+                f"node {self.node} refused a channel to {host}:{port}: {exc.reason or 'refused'}"
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise TunnelDown(f"tunnel to node {self.node} failed: {_describe(exc)}") from exc
+        return ChannelStream(reader, writer, self.counters, f"{host}:{port}")
+
+
+class ChannelStream:
+    """A forwarded channel as a :class:`proxy.dialer.Stream`, counting its bytes on the tunnel."""
+
+    def __init__(
+        self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes], counters: Counters,
+        target: str,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._counters = counters
+        self._closed = False
+        self.target = target
+        counters.open_channels += 1
+        counters.channels_total += 1
+
+    async def read(self, n: int = READ_SIZE) -> bytes:
+        try:
+            data = await self._reader.read(n)
+        except (asyncssh.Error, OSError) as exc:
+            raise StreamError(f"channel to {self.target} broke: {_describe(exc)}") from exc
+        self._counters.bytes_in += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+            raise StreamError(f"channel to {self.target} broke: {_describe(exc)}") from exc
+        self._counters.bytes_out += len(data)
+
+    def write_eof(self) -> None:
+        try:
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+        except (asyncssh.Error, OSError):
+            pass
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._counters.open_channels -= 1
+        self._writer.close()
+        try:
+            await self._writer.channel.wait_closed()
+        except (asyncssh.Error, OSError):
+            pass
+

@@ -1,0 +1,92 @@
+"""The local status API (aiohttp): what operators and ``tunneld status`` read.
+
+``GET /tunnels`` -> ``{"tunnels": [...]}``; ``GET /tunnels/{node}`` -> one tunnel; ``GET /healthz`` -> ``ok``.
+Served on a unix socket (default) and/or a loopback TCP address.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tunneld.config import StatusSettings, split_host_port
+from tunneld.pool import Pool
+
+SOCKET_MODE = 0o660
+
+
+def make_app(pool: Pool, info: Callable[[], dict[str, Any]]) -> web.Application:
+    """Build the status application over ``pool``; ``info`` returns gateway-wide facts."""
+
+    async def tunnels(request: web.Request) -> web.Response:
+        return web.json_response({"gateway": info(), "tunnels": pool.snapshot()})
+
+    async def tunnel(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        t = pool.tunnels.get(name)
+        if t is None:
+            raise web.HTTPNotFound(text=f"no node named {name!r}\n")
+        return web.json_response(t.snapshot())
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.add_routes([
+        web.get("/tunnels", tunnels),
+        web.get("/tunnels/{name}", tunnel),
+        web.get("/healthz", healthz),
+    ])
+    return app
+
+
+class StatusServer:
+    """Runs the status app on the configured listeners."""
+
+    def __init__(self, app: web.Application, settings: StatusSettings) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+        self._settings = settings
+        self.tcp_port: int | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        path = self._settings.socket
+        if path is not None:
+            _prepare_socket_path(path)
+            site = web.UnixSite(self._runner, str(path))
+            await site.start()
+            os.chmod(path, SOCKET_MODE)
+        if self._settings.listen:
+            host, port = split_host_port(self._settings.listen)
+            tcp = web.TCPSite(self._runner, host, port)
+            await tcp.start()
+            server = tcp._server
+            if server is not None and server.sockets:
+                self.tcp_port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        if self._settings.socket is not None:
+            Path(self._settings.socket).unlink(missing_ok=True)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make room for the socket: remove a stale one, refuse to steal a live daemon's."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: left over from a crashed run
+        else:
+            raise OSError(f"{path} is in use by a running daemon")
+        finally:
+            probe.close()
+    elif path.exists():
+        raise OSError(f"{path} exists and is not a socket")
