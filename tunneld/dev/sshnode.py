@@ -8,7 +8,7 @@ Everything else is refused: a simulated node reaches nothing beyond itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,18 @@ class _NodeServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        self._node.connections += 1
+        self._node.conns.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._node.conns.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
         return True
+
+    def auth_completed(self) -> None:
+        self._node.logins += 1
 
     def password_auth_supported(self) -> bool:
         return False
@@ -78,6 +87,12 @@ class SimNode:
     address: str
     port: int
     material: SSHMaterial
+    connections: int = 0
+    """SSH connections accepted (TCP + version exchange)."""
+    logins: int = 0
+    """Successful authentications."""
+    conns: set[asyncssh.SSHServerConnection] = field(default_factory=set)
+    """SSH connections open now."""
     _server: asyncssh.SSHAcceptor | None = None
 
     async def start(self) -> None:
@@ -93,11 +108,19 @@ class SimNode:
             line_editor=False,
         )
 
+    @property
+    def active(self) -> int:
+        return len(self.conns)
+
     async def stop(self) -> None:
+        """Stop listening and drop every connection, as a node that goes away would."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        for conn in list(self.conns):
+            conn.abort()
+        self.conns.clear()
 
     @property
     def running(self) -> bool:

@@ -1,0 +1,57 @@
+"""Fixtures for loopback tests: the embedded dev cluster's simulated nodes (asyncssh servers on 127.x addresses)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tunneld.config import Config, StatusSettings, load_config
+from tunneld.dev.cluster import DevCluster
+
+# Each test gets its own 127.<a>.<b>.0/24 so leftovers of one test (or a `tunneld dev` a developer is running on
+# 127.0.1.x) can never answer for another.
+_subnets = itertools.count((os.getpid() % 200) * 50)
+
+
+def next_base() -> str:
+    n = next(_subnets) % 10_000
+    return f"127.{100 + n // 250}.{n % 250}.1"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short private directory (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="td", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def cluster(short_dir: Path) -> AsyncIterator[DevCluster]:
+    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev")
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+def fast_config(cluster: DevCluster, socket: Path | None = None, **ssh: object) -> Config:
+    """The dev cluster's config with test-friendly timings."""
+    assert cluster.config_path is not None
+    cfg = load_config(cluster.config_path)
+    ssh_settings = replace(cfg.ssh, keepalive_interval=1.0, keepalive_count_max=2, backoff_initial=0.1,
+                           backoff_max=0.5, connect_timeout=3.0, **ssh)  # type: ignore[arg-type]
+    return replace(
+        cfg,
+        ssh=ssh_settings,
+        health=replace(cfg.health, period=0.3, timeout=2.0),
+        status=StatusSettings(socket=socket, listen=None),
+    )
