@@ -23,8 +23,6 @@ from tunneld.probe import http_get
 
 from .conftest import fast_config
 
-pytestmark = pytest.mark.asyncio
-
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
