@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import shutil
 import ssl
 import tempfile
 import time
@@ -120,6 +121,7 @@ async def healthz_through_tunnels(gateway: Gateway) -> dict[str, str]:
 async def run(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool) -> int:
     """Run the dev cluster; with ``check``, exit after printing (0 when every node is up and answers ``ok``)."""
     cluster = DevCluster(nodes=nodes, base_address=base_address, ssh_port=ssh_port)
+    temporary = workdir is None
     if workdir is not None:
         cluster.workdir = workdir
     config_path = await cluster.start()
@@ -146,3 +148,5 @@ async def run(nodes: int, ssh_port: int, base_address: str, workdir: Path | None
     finally:
         await gateway.stop(grace=2.0)
         await cluster.stop()
+        if temporary:
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
