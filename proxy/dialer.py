@@ -50,6 +50,13 @@ class ChannelRefused(DialError):
     reason = "Bad Gateway"
 
 
+class Overloaded(DialError):
+    """A limit was reached (channels per tunnel); retry later."""
+
+    status = 503
+    reason = "Service Unavailable"
+
+
 class DialTimeout(DialError):
     """Opening the channel took longer than the dial timeout."""
 

@@ -1,4 +1,4 @@
-"""The composition root: config -> pool -> dialer -> status API (and, later, certs and the proxy fronts).
+"""The composition root: config -> pool -> dialer -> fronts (egress CONNECT, proxy URLs) and the status API.
 
 :class:`Gateway` owns every long-lived object and knows the order to start, reload and stop them in. Nothing else
 builds these objects, so each of them can be tested alone with whatever collaborators a test hands it.
@@ -6,12 +6,20 @@ builds these objects, so each of them can be tested alone with whatever collabor
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
 from dataclasses import replace
 from typing import Any
 
+from proxy.apiproxy import APIProxyFront
+from proxy.connect import ConnectFront
+from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
+from proxy.policy import Policy, PortSet
+from proxy.server import Limits, Server
+from proxy.tls import client_context, server_context
 from tunneld import __version__
-from tunneld.config import Config, load_config
+from tunneld.config import Config, TLSServerSettings, load_config, split_host_port
 from tunneld.dialer import TunnelDialer
 from tunneld.inventory import InventoryDiff
 from tunneld.pool import Pool
@@ -20,14 +28,74 @@ from tunneld.status import StatusServer, make_app
 log = logging.getLogger("tunneld")
 
 
+def build_policy(config: Config) -> Policy:
+    """The destination policy for the current inventory and services."""
+    node_hosts: dict[str, int] = {}
+    for node in config.nodes:
+        node_hosts[node.name] = node.kubelet_port
+        node_hosts[node.address] = node.kubelet_port
+    service_hosts: dict[str, set[int]] = {}
+    for svc in config.services:
+        if svc.cluster_ip:
+            service_hosts.setdefault(svc.cluster_ip, set()).update(p.port for p in svc.ports)
+        for ep in svc.endpoints:
+            service_hosts.setdefault(ep, set()).update(p.target_port for p in svc.ports)
+    return Policy(
+        node_hosts=node_hosts,
+        node_ports=PortSet.parse(config.policy.node_ports),
+        pod_networks=tuple(n.pod_cidr for n in config.nodes if n.pod_cidr is not None),
+        pod_ports=PortSet.parse(config.policy.pod_ports),
+        service_hosts={h: frozenset(p) for h, p in service_hosts.items()},
+    )
+
+
+def directory_entries(config: Config) -> tuple[list[NodeInfo], list[ServiceInfo]]:
+    nodes = [NodeInfo(n.name, n.address, n.kubelet_port) for n in config.nodes]
+    services = [
+        ServiceInfo(s.namespace, s.name, tuple(ServicePortInfo(p.port, p.target_port, p.name) for p in s.ports),
+                    s.cluster_ip, s.endpoints)
+        for s in config.services
+    ]
+    return nodes, services
+
+
+def _server_tls(tls: TLSServerSettings | None) -> ssl.SSLContext | None:
+    if tls is None:
+        return None
+    return server_context(str(tls.cert), str(tls.key), str(tls.client_ca) if tls.client_ca else None)
+
+
+def _str(path: object) -> str | None:
+    return None if path is None else str(path)
+
+
 class Gateway:
     """The running daemon."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pool = Pool(config.ssh, config.health)
+        self.pool = Pool(config.ssh, config.health, max_channels=config.limits.max_channels_per_tunnel)
         self.dialer = TunnelDialer(self.pool, config.dial)
+        self.policy = build_policy(config)
+        self.directory = Directory(*directory_entries(config))
+        k = config.kubelet
+        self.kubelet_tls = client_context(_str(k.certificate_authority), _str(k.client_certificate),
+                                          _str(k.client_key))
+        self.connect_front = ConnectFront(self.dialer, self.policy)
+        self.api_front = APIProxyFront(
+            self.dialer, self.policy, self.directory, kubelet_tls=self.kubelet_tls,
+            target_tls=client_context(_str(config.proxy.target_certificate_authority)),
+            pods_refresh=config.proxy.pods_refresh,
+        )
+        lim = config.limits
+        limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
+        self.egress = Server("egress", self.connect_front, limits)
+        self.proxy = Server("proxy", self.api_front, limits)
         self.status = StatusServer(make_app(self.pool, self.info), config.status)
+
+    @property
+    def kubelet_tls_verified(self) -> bool:
+        return self.config.kubelet.certificate_authority is not None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -35,14 +103,32 @@ class Gateway:
             "config": str(self.config.path) if self.config.path else None,
             "nodes": len(self.pool.tunnels),
             "host_key_check": "disabled" if self.config.ssh.insecure_skip_host_key_check else "strict",
+            "kubelet_tls": "verified" if self.kubelet_tls_verified else "unverified",
+            "egress_connections": self.egress.connections,
+            "proxy_connections": self.proxy.connections,
         }
 
     async def start(self) -> None:
-        """Bind listeners, then start connecting to the inventory."""
+        """Bind every listener, then start connecting to the inventory."""
         if self.config.ssh.insecure_skip_host_key_check:
             log.warning("ssh.insecure_skip_host_key_check = true: node host keys are NOT verified")
+        if not self.kubelet_tls_verified:
+            log.warning("kubelet TLS: unverified (set kubelet.certificate_authority to verify kubelets' certificates)")
+        e, p = self.config.egress, self.config.proxy
+        if e.socket is not None:
+            await self.egress.listen_unix(e.socket, e.socket_mode)
+        if e.listen is not None:
+            host, port = split_host_port(e.listen)
+            await self.egress.listen_tcp(host, port, _server_tls(e.tls))
+        if p.listen is not None:
+            host, port = split_host_port(p.listen)
+            if p.tls is None and not ipaddress.ip_address(host if host != "localhost" else "127.0.0.1").is_loopback:
+                raise RuntimeError("refusing to serve proxy URLs without TLS on a non-loopback address")
+            await self.proxy.listen_tcp(host, port, _server_tls(p.tls))
         await self.status.start()
         self.pool.apply(self.config.nodes)
+        if p.listen is not None:
+            self.api_front.pods.start()
         log.info("started", extra={"nodes": len(self.config.nodes), "version": __version__})
 
     async def reload(self) -> InventoryDiff:
@@ -55,16 +141,29 @@ class Gateway:
         new = load_config(self.config.path)
         if new.ssh != self.config.ssh or new.health != self.config.health:
             log.warning("ssh/health settings changed: they apply to connections made from now on")
+        if (new.egress, new.proxy, new.status, new.limits) != (self.config.egress, self.config.proxy,
+                                                               self.config.status, self.config.limits):
+            log.warning("listener and limit settings take effect on restart, not on reload")
         self.pool.ssh = new.ssh
         self.pool.health = new.health
-        self.config = replace(new, status=self.config.status)
+        self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
+                              limits=self.config.limits)
+        self.policy = build_policy(self.config)
+        self.connect_front.policy = self.policy
+        self.api_front.policy = self.policy
+        self.directory.update(*directory_entries(self.config))
         change = self.pool.apply(new.nodes)
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),
                                     "changed": len(change.changed)})
         return change
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop listening, drain open channels for up to ``grace`` seconds, close every tunnel."""
+        """Stop accepting, let open streams finish for up to ``grace`` seconds, then close every tunnel."""
+        await self.egress.stop_accepting()
+        await self.proxy.stop_accepting()
+        await self.api_front.pods.close()
+        await self.egress.close(grace)
+        await self.proxy.close(grace)
         await self.status.stop()
-        await self.pool.close(grace)
+        await self.pool.close(0.0)
         log.info("stopped")

@@ -93,6 +93,83 @@ class StatusSettings:
 
 
 @dataclass(frozen=True)
+class TLSServerSettings:
+    """A TLS listener's certificate, key and (for mutual TLS) the CA client certificates must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """The HTTP CONNECT front kube-apiserver uses as its egress proxy."""
+
+    socket: Path | None = None
+    socket_mode: int = 0o600
+    listen: str | None = None
+    """``host:port`` for mutual-TLS TCP (``tls`` is then required, with a client CA)."""
+    tls: TLSServerSettings | None = None
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The front serving apiserver-style proxy URLs and kubelet subresources."""
+
+    listen: str | None = None
+    tls: TLSServerSettings | None = None
+    target_certificate_authority: Path | None = None
+    """Verify ``https:`` pod and service targets against this CA (unverified when unset)."""
+    pods_refresh: float = 30.0
+
+
+@dataclass(frozen=True)
+class KubeletSettings:
+    """TLS towards kubelets, mirroring kube-apiserver's ``--kubelet-*`` flags."""
+
+    certificate_authority: Path | None = None
+    client_certificate: Path | None = None
+    client_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Which ports the fronts may reach (see :mod:`proxy.policy`)."""
+
+    node_ports: tuple[str, ...] = ()
+    pod_ports: tuple[str, ...] = ("1-65535",)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Protections on every front listener, and per tunnel."""
+
+    max_connections: int = 1024
+    max_header_bytes: int = 16 * 1024
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_channels_per_tunnel: int = 1000
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service the proxy URLs can reach: its cluster IP and/or endpoints."""
+
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...]
+    cluster_ip: str | None = None
+    endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -101,8 +178,14 @@ class Config:
     health: HealthSettings = field(default_factory=HealthSettings)
     dial: DialSettings = field(default_factory=DialSettings)
     status: StatusSettings = field(default_factory=StatusSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    kubelet: KubeletSettings = field(default_factory=KubeletSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     inventory_file: Path | None = None
     nodes: tuple[Node, ...] = ()
+    services: tuple[Service, ...] = ()
     log_level: str = "info"
     log_format: str = "logfmt"
 
@@ -333,6 +416,36 @@ def load_config(path: str | Path) -> Config:
         except ValueError as exc:
             problems.append(f"status.listen: {exc}")
 
+    egress, proxy_settings = _listeners(table("egress"), table("proxy"), problems)
+
+    k = table("kubelet")
+    kubelet = KubeletSettings(
+        certificate_authority=k.path("certificate_authority", None),
+        client_certificate=k.path("client_certificate", None),
+        client_key=k.path("client_key", None),
+    )
+    k.unknown()
+    if (kubelet.client_certificate is None) != (kubelet.client_key is None):
+        problems.append("kubelet: client_certificate and client_key go together")
+
+    po = table("policy")
+    policy = PolicySettings(
+        node_ports=_ports(po, "node_ports", ()), pod_ports=_ports(po, "pod_ports", ("1-65535",))
+    )
+    po.unknown()
+
+    li = table("limits")
+    limits = LimitSettings(
+        max_connections=li.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
+        max_header_bytes=li.integer("max_header_bytes", 16 * 1024, minimum=1024, maximum=1024 * 1024),
+        header_timeout=li.number("header_timeout", 10.0),
+        idle_timeout=li.number("idle_timeout", 60.0),
+        max_channels_per_tunnel=li.integer("max_channels_per_tunnel", 1000, minimum=1, maximum=1_000_000),
+    )
+    li.unknown()
+
+    services = _services(top.get("services", list, []), base, problems)
+
     lg = table("log")
     log_level = lg.get("level", str, "info").lower()
     log_format = lg.get("format", str, "logfmt").lower()
@@ -361,8 +474,9 @@ def load_config(path: str | Path) -> Config:
     if found:
         raise ConfigError(found)
     return Config(
-        path=path, ssh=ssh, health=health, dial=dial, status=status, inventory_file=inventory_file,
-        nodes=tuple(nodes), log_level=log_level, log_format=log_format,
+        path=path, ssh=ssh, health=health, dial=dial, status=status, egress=egress, proxy=proxy_settings,
+        kubelet=kubelet, policy=policy, limits=limits, inventory_file=inventory_file, nodes=tuple(nodes),
+        services=tuple(services), log_level=log_level, log_format=log_format,
     )
 
 
@@ -387,3 +501,137 @@ def split_host_port(value: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def _tls(sec: _Section, problems: list[str], require_client_ca: bool) -> TLSServerSettings | None:
+    cert, key, ca = sec.path("tls_cert", None), sec.path("tls_key", None), sec.path("client_ca", None)
+    if cert is None and key is None:
+        if ca is not None:
+            sec.problem("client_ca", "needs tls_cert and tls_key")
+        return None
+    if cert is None or key is None:
+        sec.problem("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+        return None
+    if require_client_ca and ca is None:
+        sec.problem("client_ca", "required: callers must present a client certificate signed by this CA")
+    return TLSServerSettings(cert, key, ca)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listeners(e: _Section, p: _Section, problems: list[str]) -> tuple[EgressSettings, ProxySettings]:
+    mode_text = e.get("socket_mode", str, "0600")
+    try:
+        mode = int(mode_text, 8)
+        if mode & ~0o777:
+            raise ValueError
+    except ValueError:
+        e.problem("socket_mode", f"{mode_text!r} is not an octal file mode such as \"0600\" or \"0660\"")
+        mode = 0o600
+    if mode & 0o007:
+        e.problem("socket_mode", "must not give access to others (use a group: 0660)")
+    egress = EgressSettings(
+        socket=e.path("socket", None), socket_mode=mode, listen=e.get("listen", str, None),
+        tls=_tls(e, problems, require_client_ca=True),
+    )
+    if egress.listen is not None:
+        try:
+            split_host_port(egress.listen)
+        except ValueError as exc:
+            e.problem("listen", str(exc))
+        if egress.tls is None:
+            e.problem("listen", "needs tls_cert, tls_key and client_ca (the TCP egress front is mutual TLS only)")
+    e.unknown()
+    proxy = ProxySettings(
+        listen=p.get("listen", str, None),
+        tls=_tls(p, problems, require_client_ca=False),
+        target_certificate_authority=p.path("target_certificate_authority", None),
+        pods_refresh=p.number("pods_refresh", 30.0),
+    )
+    if proxy.listen is not None:
+        try:
+            host, _ = split_host_port(proxy.listen)
+        except ValueError as exc:
+            p.problem("listen", str(exc))
+        else:
+            if not _is_loopback(host) and (proxy.tls is None or proxy.tls.client_ca is None):
+                p.problem("listen", f"{host} is not loopback: serving it needs tls_cert, tls_key and client_ca")
+    p.unknown()
+    return egress, proxy
+
+
+def _ports(sec: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = sec.get(key, list, None)
+    if raw is None:
+        return default
+    out = []
+    for item in raw:
+        text = str(item)
+        lo, sep, hi = text.partition("-")
+        if isinstance(item, bool) or not lo.isdigit() or (sep and not hi.isdigit()) or not (
+            1 <= int(lo) <= (int(hi) if sep else int(lo)) <= 65535
+        ):
+            sec.problem(key, f"{item!r} is not a port (1-65535) or a range such as \"30000-32767\"")
+            continue
+        out.append(text)
+    return tuple(out)
+
+
+def _services(raw: list[Any], base: Path, problems: list[str]) -> list[Service]:
+    services: list[Service] = []
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(raw):
+        label = f"services[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{label}: expected a table")
+            continue
+        sec = _Section(entry, label, base, problems)
+        name, ns = sec.get("name", str, ""), sec.get("namespace", str, "default")
+        if name:
+            sec.where = label = f"{label} ({ns}/{name})"
+        for key, value in (("name", name), ("namespace", ns)):
+            if not value or not _NAME_RE.match(value):
+                sec.problem(key, "required: a lower-case DNS label")
+        cluster_ip = sec.get("cluster_ip", str, None)
+        endpoints = sec.get("endpoints", list, [])
+        for addr in [cluster_ip, *endpoints] if cluster_ip else endpoints:
+            try:
+                ipaddress.ip_address(addr)
+            except (ValueError, TypeError):
+                sec.problem("endpoints" if addr != cluster_ip else "cluster_ip", f"{addr!r} is not an IP address")
+        if not cluster_ip and not endpoints:
+            sec.problem("endpoints", "a service needs a cluster_ip or endpoints")
+        ports: list[ServicePort] = []
+        for j, port in enumerate(sec.get("ports", list, [])):
+            ps = _Section(port if isinstance(port, dict) else {}, f"{label}.ports[{j}]", base, problems)
+            number = ps.port("port", 1) if "port" in ps.data else 0
+            if not number:
+                ps.problem("port", "required")
+            target = ps.port("target_port", number or 1)
+            ports.append(ServicePort(number, target, ps.get("name", str, "")))
+            ps.unknown()
+        if not ports:
+            sec.problem("ports", "at least one port is required")
+        sec.unknown()
+        if (ns, name) in seen:
+            problems.append(f"{label}: defined more than once")
+        seen.add((ns, name))
+        cip = str(ipaddress.ip_address(cluster_ip)) if cluster_ip and _valid_ip(cluster_ip) else None
+        eps = tuple(str(ipaddress.ip_address(a)) for a in endpoints if _valid_ip(a))
+        services.append(Service(ns, name, tuple(ports), cip, eps))
+    return services
+
+
+def _valid_ip(value: object) -> bool:
+    try:
+        ipaddress.ip_address(value)  # type: ignore[arg-type]
+        return True
+    except ValueError:
+        return False

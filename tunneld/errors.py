@@ -12,6 +12,7 @@ from proxy.dialer import (
     DialError,
     DialTimeout,
     NoTunnel,
+    Overloaded,
     StreamError,
     TunnelDown,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "DialTimeout",
     "HostKeyRejected",
     "NoTunnel",
+    "Overloaded",
     "StreamError",
     "TunnelDown",
 ]

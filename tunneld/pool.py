@@ -22,7 +22,7 @@ from typing import Any
 
 from tunneld import ssh
 from tunneld.config import HealthSettings, Node, SSHSettings
-from tunneld.errors import ConnectFailed, HostKeyRejected, TunnelDown
+from tunneld.errors import ConnectFailed, HostKeyRejected, Overloaded, TunnelDown
 from tunneld.inventory import InventoryDiff, OwnerIndex, diff
 from tunneld.probe import ProbeFailed, probe
 from tunneld.state import Backoff, Event, State, TunnelStateMachine
@@ -72,6 +72,9 @@ class Tunnel:
         if link is None or self.state not in (State.UP, State.DEGRADED):
             why = f": {self.machine.last_error}" if self.machine.last_error else ""
             raise TunnelDown(f"tunnel to node {self.node.name} is {self.state.value}{why}")
+        if self.counters.open_channels >= self._pool.max_channels:
+            raise Overloaded(f"tunnel to node {self.node.name} has {self.counters.open_channels} open channels "
+                             f"(limits.max_channels_per_tunnel)")
         return await link.open_stream(host, port, timeout)
 
     def _event(self, event: Event, error: str | None = None) -> None:
@@ -202,8 +205,10 @@ class Pool:
         connector: Connector = ssh.connect,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        max_channels: int = 1000,
     ) -> None:
         self.ssh = ssh_settings
+        self.max_channels = max_channels
         self.health = health
         self.connector = connector
         self.clock = clock

@@ -7,13 +7,13 @@ Served on a unix socket (default) and/or a loopback TCP address.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from proxy.server import prepare_socket_path
 from tunneld.config import StatusSettings, split_host_port
 from tunneld.pool import Pool
 
@@ -57,7 +57,7 @@ class StatusServer:
         await self._runner.setup()
         path = self._settings.socket
         if path is not None:
-            _prepare_socket_path(path)
+            prepare_socket_path(path)
             site = web.UnixSite(self._runner, str(path))
             await site.start()
             os.chmod(path, SOCKET_MODE)
@@ -73,20 +73,3 @@ class StatusServer:
         await self._runner.cleanup()
         if self._settings.socket is not None:
             Path(self._settings.socket).unlink(missing_ok=True)
-
-
-def _prepare_socket_path(path: Path) -> None:
-    """Make room for the socket: remove a stale one, refuse to steal a live daemon's."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.is_socket():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: left over from a crashed run
-        else:
-            raise OSError(f"{path} is in use by a running daemon")
-        finally:
-            probe.close()
-    elif path.exists():
-        raise OSError(f"{path} exists and is not a socket")

@@ -1,0 +1,220 @@
+"""The apiserver-style front: proxy URLs for nodes, pods and services, and the pod subresources the kubelet serves.
+
+    /api/v1/nodes/{id}/proxy/...                  -> the node's kubelet (https, kubelet TLS), or another node port
+    /api/v1/namespaces/{ns}/pods/{id}/proxy/...   -> the pod's IP (port: given, else its first container port)
+    /api/v1/namespaces/{ns}/services/{id}/proxy/... -> an endpoint (target port) or the cluster IP
+    /api/v1/namespaces/{ns}/pods/{pod}/log         -> kubelet /containerLogs/{ns}/{pod}/{container}
+    /api/v1/namespaces/{ns}/pods/{pod}/exec|attach -> kubelet /exec|/attach/{ns}/{pod}/{container} (upgrade)
+    /api/v1/namespaces/{ns}/pods/{pod}/portforward -> kubelet /portForward/{ns}/{pod} (upgrade)
+
+Query parameters are translated as the apiserver does (``stdin=true`` -> ``input=1``, ``ports`` -> ``port``...).
+Every request gets a fresh channel to its target, as the apiserver's transports do through an egress proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from urllib.parse import parse_qsl, quote, urlencode
+
+import h11
+
+from proxy.dialer import Dialer
+from proxy.directory import Directory, NodeInfo, PodCache, PodInfo, parse_pod_list
+from proxy.forward import Upstream, forward, is_upgrade, open_upstream
+from proxy.policy import Policy
+from proxy.routes import Route, RouteError, parse
+from proxy.server import Exchange
+
+log = logging.getLogger("proxy.api")
+
+PROXY_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+STREAM_METHODS = frozenset({b"GET", b"POST"})
+LOG_PARAMS = ("follow", "previous", "timestamps", "sinceSeconds", "sinceTime", "tailLines", "limitBytes", "stream")
+EXEC_FLAGS = (("stdin", "input"), ("stdout", "output"), ("stderr", "error"), ("tty", "tty"))
+MAX_POD_LIST = 32 * 1024 * 1024
+
+
+def _true(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
+class APIProxyFront:
+    """Serves the proxy URLs and pod subresources through a :class:`Dialer`."""
+
+    def __init__(
+        self, dialer: Dialer, policy: Policy, directory: Directory, *, kubelet_tls: ssl.SSLContext,
+        target_tls: ssl.SSLContext, pods_refresh: float = 30.0, response_timeout: float = 60.0,
+    ) -> None:
+        self.dialer = dialer
+        self.policy = policy
+        self.directory = directory
+        self.kubelet_tls = kubelet_tls
+        self.target_tls = target_tls
+        self.response_timeout = response_timeout
+        self.pods = PodCache(directory, self._list_pods, refresh=pods_refresh)
+
+    def kubelet(self, node: NodeInfo) -> Upstream:
+        return Upstream(node.address, node.kubelet_port, self.kubelet_tls, (node.address, node.name),
+                        f"kubelet of node {node.name}")
+
+    async def _list_pods(self, node: NodeInfo) -> list[PodInfo]:
+        status, body = await fetch(self.dialer, self.policy, self.kubelet(node), "/pods", self.response_timeout)
+        if status != 200:
+            raise RuntimeError(f"kubelet answered {status} to GET /pods")
+        return parse_pod_list(node.name, body)
+
+    async def __call__(self, ex: Exchange) -> None:
+        while True:
+            request = await ex.request()
+            if request is None:
+                return
+            if not await self.handle(ex, request) or not ex.reusable:
+                return
+            ex.next_cycle()
+
+    async def handle(self, ex: Exchange, request: h11.Request) -> bool:
+        target = request.target.decode("ascii", "replace")
+        try:
+            route = parse(target)
+            up, path, upgrade_required = await self._resolve(route, request)
+        except RouteError as exc:
+            log.info("refused %s: %s", target[:200], exc.message, extra={"peer": str(ex.peer), "status": exc.status})
+            await ex.error(exc.status, exc.message)
+            return False
+        if upgrade_required and not is_upgrade(request):
+            await ex.error(400, "Upgrade request required")
+            return False
+        prefix = route.prefix if route.kind in ("node", "pod", "service") else None
+        return await forward(ex, request, self.dialer, self.policy, up, path, location_prefix=prefix,
+                             response_timeout=self.response_timeout)
+
+    async def _resolve(self, route: Route, request: h11.Request) -> tuple[Upstream, str, bool]:
+        methods = PROXY_METHODS if route.kind in ("node", "pod", "service") else STREAM_METHODS
+        if route.kind == "log":
+            methods = frozenset({b"GET"})
+        if request.method not in methods:
+            raise RouteError(405, f"method {request.method.decode()} not allowed here")
+        query = f"?{route.query}" if route.query else ""
+        if route.kind == "node":
+            node = self.directory.nodes.get(route.name)
+            if node is None:
+                raise RouteError(404, f"node {route.name!r} not found")
+            if not route.port or route.port == str(node.kubelet_port):
+                return self.kubelet(node), route.path + query, False
+            up = self._plain(route, node.address, (node.address, node.name), f"node {node.name}")
+            return up, route.path + query, False
+        if route.kind == "service":
+            return self._service(route), route.path + query, False
+        assert route.namespace is not None
+        pod = await self.pods.get(route.namespace, route.name)
+        if pod is None:
+            raise RouteError(404, f"pod {route.namespace}/{route.name} not found")
+        if route.kind == "pod":
+            if not pod.ip:
+                raise RouteError(503, f"pod {route.namespace}/{route.name} has no IP yet")
+            return self._plain(route, pod.ip, (pod.ip, pod.name), f"pod {pod.namespace}/{pod.name}",
+                               default=pod.ports[0] if pod.ports else None), route.path + query, False
+        node = self.directory.nodes.get(pod.node)
+        if node is None:
+            raise RouteError(503, f"node {pod.node!r} of pod {pod.namespace}/{pod.name} is not in the inventory")
+        return self.kubelet(node), _kubelet_path(route, pod), route.kind != "log"
+
+    def _plain(self, route: Route, host: str, identities: tuple[str, ...], what: str,
+               default: int | None = None) -> Upstream:
+        if route.port and not route.port.isdigit():
+            raise RouteError(400, f"named port {route.port!r} is not supported here; use the port number")
+        port = int(route.port) if route.port else default or (443 if route.scheme == "https" else 80)
+        tls = self.target_tls if route.scheme == "https" else None
+        return Upstream(host, port, tls, identities, what)
+
+    def _service(self, route: Route) -> Upstream:
+        assert route.namespace is not None
+        svc = self.directory.services.get((route.namespace, route.name))
+        if svc is None:
+            raise RouteError(404, f"service {route.namespace}/{route.name} not found")
+        if route.port:
+            port = next((p for p in svc.ports if str(p.port) == route.port or p.name == route.port), None)
+            if port is None:
+                raise RouteError(503, f"no service port {route.port} found for service {svc.name!r}")
+        else:
+            port = svc.ports[0]
+        dns = (f"{svc.name}.{svc.namespace}.svc", f"{svc.name}.{svc.namespace}.svc.cluster.local", svc.name)
+        tls = self.target_tls if route.scheme == "https" else None
+        what = f"service {svc.namespace}/{svc.name}"
+        if svc.endpoints:
+            ep = random.choice(svc.endpoints)
+            return Upstream(ep, port.target_port, tls, (ep, *dns), what)
+        assert svc.cluster_ip is not None
+        return Upstream(svc.cluster_ip, port.port, tls, (svc.cluster_ip, *dns), what)
+
+
+def _container(route: Route, pod: PodInfo, params: dict[str, list[str]]) -> str:
+    name = (params.get("container") or [""])[0]
+    if not name:
+        if len(pod.containers) != 1:
+            raise RouteError(400, f"a container name must be specified for pod {pod.name}, choose one of: "
+                                  f"[{' '.join(pod.containers)}]")
+        return pod.containers[0]
+    if name not in pod.containers:
+        raise RouteError(404, f"container {name} is not valid for pod {pod.name}")
+    return name
+
+
+def _kubelet_path(route: Route, pod: PodInfo) -> str:
+    """The kubelet URL (path and query) for a pod subresource, translated as the apiserver does."""
+    params: dict[str, list[str]] = {}
+    for key, value in parse_qsl(route.query, keep_blank_values=True):
+        params.setdefault(key, []).append(value)
+    ns, name = quote(pod.namespace, safe=""), quote(pod.name, safe="")
+    out: list[tuple[str, str]] = []
+    if route.kind == "portforward":
+        ports = [p for v in params.get("ports", []) + params.get("port", []) for p in v.split(",") if p]
+        if ports:
+            out.append(("port", ",".join(ports)))
+        path = f"/portForward/{ns}/{name}"
+    else:
+        container = quote(_container(route, pod, params), safe="")
+        if route.kind == "log":
+            out = [(k, params[k][0]) for k in LOG_PARAMS if k in params and params[k][0]]
+            path = f"/containerLogs/{ns}/{name}/{container}"
+        else:
+            if route.kind == "exec":
+                commands = params.get("command", [])
+                if not commands:
+                    raise RouteError(400, "you must specify a command")
+                out = [("command", c) for c in commands]
+            out += [(kubelet, "1") for api, kubelet in EXEC_FLAGS if _true((params.get(api) or ["false"])[0])]
+            path = f"/{route.kind}/{ns}/{name}/{container}"
+    return path + ("?" + urlencode(out, quote_via=quote) if out else "")
+
+
+async def fetch(dialer: Dialer, policy: Policy, up: Upstream, path: str, timeout: float) -> tuple[int, bytes]:
+    """A GET to ``up`` through the tunnels; returns (status, body). Raises on failure."""
+    stream = await open_upstream(dialer, policy, up)
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        async with asyncio.timeout(timeout):
+            await stream.write(conn.send(h11.Request(
+                method="GET", target=path, headers=[("Host", up.authority), ("Accept", "application/json")],
+            )) + conn.send(h11.EndOfMessage()))
+            status, body = 0, bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.read())
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > MAX_POD_LIST:
+                        raise RuntimeError(f"response from {up.what} larger than {MAX_POD_LIST} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    return status, bytes(body)
+                else:
+                    raise RuntimeError(f"{up.what} closed the connection early")
+    finally:
+        await stream.close()
+

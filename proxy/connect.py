@@ -1,0 +1,89 @@
+"""The egress front: HTTP CONNECT, as kube-apiserver's EgressSelectorConfiguration ``HTTPConnect`` transport uses it.
+
+The apiserver opens a fresh connection per dial and sends ``CONNECT host:port HTTP/1.1`` with ``Host: 127.0.0.1``
+(the target is the request line's authority, never the Host header). We check the destination policy, dial through
+the owning node's tunnel, and only then answer ``HTTP/1.1 200 Connection established`` with no headers and nothing
+after them (the apiserver refuses a 200 followed by unexpected bytes), then splice bytes both ways. A failure is a
+status line with a one-line reason, then close: 403 not allowed, 503 no tunnel, 502 tunnel down or refused, 504 dial
+timeout. Any other method gets 405.
+
+Who may connect is decided by the listener: permissions on the unix socket, or a client certificate on TCP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+import h11
+
+from proxy.dialer import Dialer, DialError
+from proxy.policy import Policy
+from proxy.server import Exchange
+from proxy.splice import splice
+
+log = logging.getLogger("proxy.connect")
+audit = logging.getLogger("proxy.audit")
+
+
+def parse_authority(target: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
+    if target.startswith("["):
+        host, sep, port = target[1:].partition("]:")
+        if not sep:
+            raise ValueError("bad IPv6 authority")
+        ipaddress.IPv6Address(host)
+    else:
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ValueError("expected host:port")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("bad port")
+    if not host.replace("-", "").replace(".", "").replace("_", "").isalnum() and ":" not in host:
+        raise ValueError("bad host")
+    return host, int(port)
+
+
+class ConnectFront:
+    """Serves CONNECT requests through a :class:`Dialer`, within a :class:`Policy`."""
+
+    def __init__(self, dialer: Dialer, policy: Policy) -> None:
+        self.dialer = dialer
+        self.policy = policy
+
+    async def __call__(self, ex: Exchange) -> None:
+        request = await ex.request()
+        if request is None:
+            return
+        if request.method != b"CONNECT":
+            await ex.error(405, "this endpoint only supports CONNECT", [("Allow", "CONNECT")])
+            return
+        target = request.target.decode("ascii", "replace")
+        try:
+            host, port = parse_authority(target)
+        except ValueError as exc:
+            audit.warning("connect refused", extra={"peer": str(ex.peer), "target": target[:200], "status": 400})
+            await ex.error(400, f"invalid CONNECT target {target[:200]!r}: {exc}")
+            return
+        started = time.monotonic()
+        try:
+            self.policy.check(host, port)
+            stream = await self.dialer.dial(host, port)
+        except DialError as exc:
+            level = logging.WARNING if exc.status == 403 else logging.INFO
+            audit.log(level, "connect refused: %s", exc.message,
+                      extra={"peer": str(ex.peer), "target": target, "status": exc.status})
+            await ex.error(exc.status, exc.message)
+            return
+        try:
+            await ex.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+        except BaseException:
+            await stream.close()
+            raise
+        result = await splice(ex.reader, ex.writer, stream, to_stream=ex.switched())
+        log.info(
+            "connect closed", extra={"peer": str(ex.peer), "target": target, "up": result.upstream_bytes,
+                                     "down": result.downstream_bytes, "seconds": round(time.monotonic() - started, 3),
+                                     "error": result.broken},
+        )

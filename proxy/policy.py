@@ -1,0 +1,87 @@
+"""Destination policy: the gateway is not an open proxy into the cluster.
+
+A destination is allowed only if its host is a node (name or address), an address in a node's pod CIDR, or a
+service's cluster IP or endpoint, and its port is one allowed for that kind of host: a node's kubelet port plus
+``node_ports``; ``pod_ports`` for pod addresses; a service's ports (and target ports, for endpoints).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from proxy.dialer import DestinationNotAllowed
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class PortSet:
+    """Ports as inclusive ranges."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, items: Iterable[int | str]) -> PortSet:
+        """From ``[10250, "30000-32767"]``; raises ValueError on a bad item."""
+        ranges = []
+        for item in items:
+            text = str(item).strip()
+            lo, sep, hi = text.partition("-")
+            if not lo.isdigit() or (sep and not hi.isdigit()):
+                raise ValueError(f"{item!r} is not a port or a port range")
+            a, b = int(lo), int(hi) if sep else int(lo)
+            if not 1 <= a <= b <= 65535:
+                raise ValueError(f"{item!r} is not within 1-65535")
+            ranges.append((a, b))
+        return cls(tuple(ranges))
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and any(a <= port <= b for a, b in self.ranges)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which ``host:port`` pairs the fronts may reach."""
+
+    node_hosts: dict[str, int] = field(default_factory=dict)
+    """Node name or address -> its kubelet port."""
+    node_ports: PortSet = PortSet()
+    pod_networks: tuple[IPNetwork, ...] = ()
+    pod_ports: PortSet = PortSet(((1, 65535),))
+    service_hosts: dict[str, frozenset[int]] = field(default_factory=dict)
+    """Service cluster IP or endpoint address -> allowed ports."""
+
+    def check(self, host: str, port: int) -> None:
+        """Raise :class:`DestinationNotAllowed` unless ``host:port`` is allowed."""
+        key = _normalize(host)
+        kubelet_port = self.node_hosts.get(key)
+        if kubelet_port is not None:
+            if port == kubelet_port or port in self.node_ports:
+                return
+            raise DestinationNotAllowed(f"port {port} on node {host} is not allowed (policy.node_ports)")
+        ports = self.service_hosts.get(key)
+        if ports is not None and port in ports:
+            return
+        ip = _ip(key)
+        if ip is not None and any(ip.version == n.version and ip in n for n in self.pod_networks):
+            if port in self.pod_ports:
+                return
+            raise DestinationNotAllowed(f"port {port} on pod address {host} is not allowed (policy.pod_ports)")
+        if ports is not None:
+            raise DestinationNotAllowed(f"port {port} is not a port of the service at {host}")
+        raise DestinationNotAllowed(f"{host} is not a node, pod or service address of this cluster")
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _normalize(host: str) -> str:
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ip = _ip(host)
+    return str(ip) if ip is not None else host.lower().rstrip(".")

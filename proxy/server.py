@@ -1,0 +1,307 @@
+"""A small HTTP/1.1 server core for the fronts: listeners, limits, and request heads parsed with h11.
+
+aiohttp's web application cannot serve CONNECT or hand over a raw upgraded connection, which are the two things a
+proxy front needs, so the fronts run on plain asyncio streams with h11 doing the HTTP/1.1 parsing and framing.
+Each accepted connection becomes an :class:`Exchange`; a front's handler gets it once per request.
+
+Limits protect the gateway from slow or hostile clients: a cap on open connections (beyond it: 503 and close), a
+header-size limit (431), a time limit for receiving a request head (408, slowloris), and an idle limit between
+requests on a kept-alive connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+
+log = logging.getLogger("proxy.server")
+
+READ = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener protections."""
+
+    max_connections: int = 1024
+    max_header_bytes: int = 16 * 1024
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+
+class ClientGone(Exception):
+    """The client closed or broke the connection."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, for logs and audit: a certificate subject or unix credentials."""
+
+    address: str
+    identity: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.identity}@{self.address}" if self.identity else self.address
+
+
+class Exchange:
+    """One client connection: read requests, write responses, or switch to raw bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits, peer: Peer) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.limits = limits
+        self.peer = peer
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+
+    async def _next(self, timeout: float) -> Any:
+        async with asyncio.timeout(timeout):
+            while True:
+                event = self.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                try:
+                    data = await self.reader.read(READ)
+                except (ConnectionError, OSError) as exc:
+                    raise ClientGone(str(exc)) from exc
+                self.conn.receive_data(data)
+
+    async def request(self) -> h11.Request | None:
+        """The next request head, or None when the client is done. Errors are answered here."""
+        first = self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+        try:
+            # The first head must arrive within header_timeout; a kept-alive connection may idle longer first.
+            event = await self._next(self.limits.header_timeout if first else self.limits.idle_timeout)
+        except TimeoutError:
+            if first:
+                await self.error(408, "request head not received in time")
+            return None
+        except h11.RemoteProtocolError as exc:
+            await self.error(exc.error_status_hint, _protocol_message(exc))
+            return None
+        except ClientGone:
+            return None
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed, or anything unexpected: done
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body, as it arrives."""
+        while True:
+            try:
+                event = await self._next(self.limits.idle_timeout)
+            except TimeoutError as exc:
+                raise ClientGone("request body stalled") from exc
+            except h11.RemoteProtocolError as exc:
+                raise ClientGone(f"bad request body: {exc}") from exc
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                return
+            else:
+                raise ClientGone("connection closed during the request body")
+
+    async def send(self, *events: Any) -> None:
+        """Send h11 events (a response head, data, end of message) and wait for the client to take them."""
+        for event in events:
+            data = self.conn.send(event)
+            if data:
+                self.writer.write(data)
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ClientGone(str(exc)) from exc
+
+    async def error(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
+        """Answer with ``status`` and a one-line text body, and close after it."""
+        body = (message.rstrip() + "\n").encode("utf-8", "replace")
+        head = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                ("Connection", "close"), *(headers or [])]
+        try:
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self.send(h11.Response(status_code=status, headers=head), h11.Data(data=body), h11.EndOfMessage())
+            elif self.conn.our_state is h11.ERROR or self.conn.their_state is h11.ERROR:
+                # h11 refuses to speak after a protocol error; the status line is still owed to the client.
+                reason = _REASONS.get(status, "Error")
+                lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in head), "", ""]
+                self.writer.write("\r\n".join(lines).encode() + body)
+                await self.writer.drain()
+        except (ClientGone, ConnectionError, OSError, h11.LocalProtocolError):
+            pass
+
+    def switched(self) -> bytes:
+        """After a 2xx to CONNECT or a 101: the bytes the client already sent past the request."""
+        return bytes(self.conn.trailing_data[0])
+
+    @property
+    def reusable(self) -> bool:
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    def next_cycle(self) -> None:
+        self.conn.start_next_cycle()
+
+    def abort(self) -> None:
+        """Drop the connection without a clean end (the client must not take a truncated body for a whole one)."""
+        self.writer.transport.abort()
+
+
+_REASONS = {
+    400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def _protocol_message(exc: h11.RemoteProtocolError) -> str:
+    if exc.error_status_hint == 431:
+        return "request header fields too large"
+    return f"malformed request: {exc}"
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+class Server:
+    """Serves one front's handler on any number of listeners, with :class:`Limits`."""
+
+    def __init__(self, name: str, handler: Handler, limits: Limits) -> None:
+        self.name = name
+        self._handler = handler
+        self.limits = limits
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._socket_paths: list[Path] = []
+        self.ports: list[int] = []
+
+    @property
+    def connections(self) -> int:
+        return len(self._tasks)
+
+    async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+        """Listen on TCP (TLS when ``tls`` is given); returns the bound port."""
+        server = await asyncio.start_server(
+            self._accept, host, port, ssl=tls, limit=READ, ssl_handshake_timeout=self.limits.header_timeout,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()[1]
+        self.ports.append(bound)
+        log.info("%s listening on %s:%d%s", self.name, host, bound, " (TLS)" if tls else "")
+        return int(bound)
+
+    async def listen_unix(self, path: Path, mode: int) -> None:
+        """Listen on a unix socket created with ``mode`` (its permissions are the access control)."""
+        prepare_socket_path(path)
+        old = os.umask(0o777)  # no window in which the socket exists with looser permissions
+        try:
+            server = await asyncio.start_unix_server(self._accept, str(path), limit=READ)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        self._servers.append(server)
+        self._socket_paths.append(path)
+        log.info("%s listening on unix:%s (mode %04o)", self.name, path, mode)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio runs this as a task per connection; track it so shutdown can drain or cancel it.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+            self._writers.discard(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer(writer)
+        ex = Exchange(reader, writer, self.limits, peer)
+        try:
+            if len(self._tasks) > self.limits.max_connections:
+                log.warning("%s: connection limit (%d) reached; refusing %s", self.name,
+                            self.limits.max_connections, peer)
+                await ex.error(503, "too many connections")
+                return
+            await self._handler(ex)
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("%s: handler failed", self.name)
+            await ex.error(500, "internal error")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+        for path in self._socket_paths:
+            path.unlink(missing_ok=True)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; let open connections finish for up to ``grace`` seconds, then cut them."""
+        await self.stop_accepting()
+        if self._tasks and grace > 0:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+
+def _peer(writer: asyncio.StreamWriter) -> Peer:
+    sslobj = writer.get_extra_info("ssl_object")
+    identity = None
+    if sslobj is not None:
+        cert = sslobj.getpeercert()
+        if cert:
+            for rdn in cert.get("subject", ()):
+                for key, value in rdn:
+                    if key == "commonName":
+                        identity = f"cn={value}"
+    addr = writer.get_extra_info("peername")
+    if isinstance(addr, tuple):
+        return Peer(f"{addr[0]}:{addr[1]}", identity)
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            return Peer("unix", f"uid={uid},pid={pid}")
+    return Peer("unix")
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make room for a unix socket: remove a stale one, refuse to take a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: left over from a crashed run
+        else:
+            raise OSError(f"{path} is in use by a running process")
+        finally:
+            probe.close()
+    elif path.exists():
+        raise OSError(f"{path} exists and is not a socket")
