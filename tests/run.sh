@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the test suite needs (as root on Debian: OpenSSH server and client, iproute2; always: the Python
+# Install what the test suite needs (as root on Debian: OpenSSH server and client, iproute2, curl, etcd, systemd's
+# analyzer, iptables; always: the Python
 # package with its test extras), then run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ need=()
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need[*]}"
