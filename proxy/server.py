@@ -20,6 +20,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,11 @@ class Exchange:
                 ("Connection", "close"), *(headers or [])]
         try:
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self.send(h11.Response(status_code=status, headers=head), h11.Data(data=body), h11.EndOfMessage())
+                await self.send(h11.Response(status_code=status, headers=head, reason=reason_phrase(status)),
+                                h11.Data(data=body), h11.EndOfMessage())
             elif self.conn.our_state is h11.ERROR or self.conn.their_state is h11.ERROR:
                 # h11 refuses to speak after a protocol error; the status line is still owed to the client.
-                reason = _REASONS.get(status, "Error")
+                reason = reason_phrase(status).decode()
                 lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in head), "", ""]
                 self.writer.write("\r\n".join(lines).encode() + body)
                 await self.writer.drain()
@@ -156,10 +158,12 @@ class Exchange:
         self.writer.transport.abort()
 
 
-_REASONS = {
-    400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for ``status`` (h11 sends none unless told)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Error"
 
 
 def _protocol_message(exc: h11.RemoteProtocolError) -> str:

@@ -54,6 +54,14 @@ class DevCA:
 
     def issue_serving(self, common_name: str, names: list[str]) -> Issued:
         """A TLS server certificate for ``names`` (IP literals become IP SANs)."""
+        return self._issue(common_name, (), names, ExtendedKeyUsageOID.SERVER_AUTH)
+
+    def issue_client(self, common_name: str, organizations: tuple[str, ...] = ()) -> Issued:
+        """A TLS client certificate (CN = user, O = groups, as Kubernetes reads them)."""
+        return self._issue(common_name, organizations, [], ExtendedKeyUsageOID.CLIENT_AUTH)
+
+    def _issue(self, common_name: str, organizations: tuple[str, ...], names: list[str],
+               usage: x509.ObjectIdentifier) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = []
         for n in names:
@@ -61,19 +69,22 @@ class DevCA:
                 sans.append(x509.IPAddress(ipaddress.ip_address(n)))
             except ValueError:
                 sans.append(x509.DNSName(n))
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
         now = dt.datetime.now(dt.UTC)
-        cert = (
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
