@@ -54,14 +54,7 @@ def serve(config: str, grace: float) -> None:
     logs.setup(cfg.log_level, cfg.log_format)
 
     async def main_() -> None:
-        gateway = Gateway(cfg)
-        signals = lifecycle.Signals(gateway.reload)
-        try:
-            await gateway.start()
-            await signals.stop.wait()
-        finally:
-            signals.close()
-            await gateway.stop(grace)
+        await lifecycle.serve(Gateway(cfg), grace)
 
     lifecycle.run(main_())
 

@@ -1,7 +1,11 @@
-"""Process lifecycle: event loop choice, signals, graceful shutdown.
+"""Process lifecycle: event loop choice, signals, graceful shutdown, and what the service manager is told.
 
-SIGTERM/SIGINT: stop accepting, drain for the grace period, exit 0; a second one exits at once (status 1).
-SIGHUP: reload the config file; an invalid file is logged and ignored (the daemon keeps its current config).
+    start: bind listeners, load the inventory --> READY=1 (+ watchdog pings every WATCHDOG_USEC/2 from the loop)
+    SIGHUP: RELOADING=1 --> re-read config and inventory, apply the diff --> READY=1 (also when the file is refused)
+    SIGTERM/SIGINT: STOPPING=1 --> stop accepting, drain for the grace period, exit 0
+    a second SIGTERM/SIGINT: exit at once (status 1)
+
+An invalid file on reload is logged and ignored: the daemon keeps its current configuration.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tunneld.errors import ConfigError
+from tunneld.notify import Notifier, Watchdog, watchdog_interval
 
 log = logging.getLogger("tunneld")
 
@@ -33,11 +38,12 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 class Signals:
-    """Turns SIGTERM/SIGINT/SIGHUP into a stop event and reload calls."""
+    """Turns SIGTERM/SIGINT/SIGHUP into a stop event and reload calls (announced to ``notifier`` if given)."""
 
-    def __init__(self, reload: Callable[[], Awaitable[object]]) -> None:
+    def __init__(self, reload: Callable[[], Awaitable[object]], notifier: Notifier | None = None) -> None:
         self.stop = asyncio.Event()
         self._reload = reload
+        self._notifier = notifier or Notifier({})
         self._reloading: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,6 +55,7 @@ class Signals:
             log.warning("second %s: exiting now", sig.name)
             os._exit(1)
         log.info("%s: shutting down gracefully (send again to exit now)", sig.name)
+        self._notifier.stopping()
         self.stop.set()
 
     def _on_hup(self) -> None:
@@ -59,15 +66,52 @@ class Signals:
 
     async def _do_reload(self) -> None:
         log.info("SIGHUP: reloading configuration")
+        self._notifier.reloading()
         try:
             await self._reload()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
+            self._notifier.ready("reload refused; running the previous configuration")
         except Exception:
             log.exception("reload failed; keeping the current configuration")
+            self._notifier.ready("reload failed; running the previous configuration")
+        else:
+            self._notifier.ready("reloaded")
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+class Service(Protocol):
+    """What :func:`serve` runs: the gateway, or anything with the same lifecycle."""
+
+    async def start(self) -> None: ...
+
+    async def reload(self) -> object: ...
+
+    async def stop(self, grace: float = ...) -> None: ...
+
+
+async def serve(service: Service, grace: float, notifier: Notifier | None = None) -> None:
+    """Start ``service``, tell the service manager READY, serve until SIGTERM/SIGINT, then stop it gracefully.
+
+    SIGHUP reloads (announced as RELOADING=1 ... READY=1); the watchdog pings while the loop runs.
+    """
+    notifier = notifier or Notifier()
+    watchdog = Watchdog(notifier, watchdog_interval())
+    signals = Signals(service.reload, notifier)
+    try:
+        await service.start()
+        notifier.ready("serving")
+        watchdog.start()
+        await signals.stop.wait()
+    finally:
+        if not signals.stop.is_set():  # startup failed: still say we are stopping
+            notifier.stopping()
+        signals.close()
+        await service.stop(grace)
+        await watchdog.stop()
+        notifier.close()

@@ -1,0 +1,103 @@
+"""The real ``tunneld serve`` under a test notify socket: READY -> RELOADING -> READY -> STOPPING, and watchdog pings.
+
+The test plays the service manager: it binds a unix datagram socket, starts the daemon with ``NOTIFY_SOCKET`` and
+``WATCHDOG_USEC`` pointing at it, and reads what the daemon says while it sends SIGHUP and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from tunneld.dev.cluster import DevCluster
+
+
+def _fields(datagram: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in datagram.decode().split("\n"))
+
+
+async def _recv(sock: socket.socket, want: str, timeout: float, seen: list[dict[str, str]]) -> dict[str, str]:
+    """Read datagrams (recording them) until one carries ``want``; bounded by ``timeout``."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = _fields(await loop.sock_recv(sock, 4096))
+            seen.append(msg)
+            if want in msg:
+                return msg
+
+
+def _status_now(sock_path: Path) -> dict:
+    import http.client
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect(str(sock_path))
+
+    conn = Conn("localhost", timeout=5)
+    try:
+        conn.request("GET", "/tunnels")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+async def test_ready_reloading_ready_stopping_sequence(cluster: DevCluster, short_dir: Path) -> None:
+    assert cluster.config_path is not None
+    status_sock = short_dir / "s.sock"
+    cfg = short_dir / "serve.toml"
+    cfg.write_text(cluster.config_path.read_text().replace(
+        f'socket = "{cluster.workdir / "tunneld.sock"}"', f'socket = "{status_sock}"'))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.setblocking(False)
+    env = dict(os.environ, NOTIFY_SOCKET=str(short_dir / "notify"), WATCHDOG_USEC="200000", PYTHONUNBUFFERED="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tunneld", "serve", "--config", str(cfg), "--grace", "2",
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    seen: list[dict[str, str]] = []
+    try:
+        ready = await _recv(notify, "READY", 30, seen)
+        assert ready["READY"] == "1"
+        # READY only once the listeners are bound and the inventory is loaded: the status socket answers now,
+        # listing every node of the file.
+        data = _status_now(status_sock)
+        assert sorted(t["node"] for t in data["tunnels"]) == ["node-1", "node-2", "node-3"]
+
+        # Watchdog pings come from the loop every WATCHDOG_USEC/2 = 0.1 s.
+        start = len(seen)
+        await asyncio.sleep(1.0)
+        while True:
+            try:
+                seen.append(_fields(notify.recv(4096)))
+            except BlockingIOError:
+                break
+        pings = sum(1 for m in seen[start:] if m.get("WATCHDOG") == "1")
+        assert 3 <= pings <= 30, pings
+
+        t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        proc.send_signal(signal.SIGHUP)
+        reloading = await _recv(notify, "RELOADING", 10, seen)
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) >= t0
+        assert (await _recv(notify, "READY", 10, seen))["READY"] == "1"
+
+        proc.send_signal(signal.SIGTERM)
+        assert (await _recv(notify, "STOPPING", 10, seen))["STOPPING"] == "1"
+        await asyncio.wait_for(proc.wait(), 20)
+        assert proc.returncode == 0
+    finally:
+        notify.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    order = [k for m in seen for k in ("READY", "RELOADING", "STOPPING") if k in m]
+    assert order == ["READY", "RELOADING", "READY", "STOPPING"], order
