@@ -496,7 +496,7 @@ def load_inventory_nodes(path: Path) -> list[Node]:
 def split_host_port(value: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; raises ValueError with a readable message."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{value!r} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

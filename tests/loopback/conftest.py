@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tunneld.app import Gateway
 from tunneld.config import Config, StatusSettings, load_config
 from tunneld.dev.cluster import DevCluster
 
@@ -55,3 +58,26 @@ def fast_config(cluster: DevCluster, socket: Path | None = None, **ssh: object) 
         health=replace(cfg.health, period=0.3, timeout=2.0),
         status=StatusSettings(socket=socket, listen=None),
     )
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def states(gw: Gateway) -> dict[str, str]:
+    return {name: t.state.value for name, t in gw.pool.tunnels.items()}
+
+
+def all_up(gw: Gateway) -> bool:
+    return bool(gw.pool.tunnels) and all(s == "up" for s in states(gw).values())
+
+
+async def started(cfg: Config) -> Gateway:
+    gw = Gateway(cfg)
+    await gw.start()
+    await wait_for(lambda: all_up(gw), what="all tunnels up")
+    return gw

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,35 +14,12 @@ from aiohttp import ClientSession, UnixConnector
 from proxy.dialer import ChannelRefused, NoTunnel, TunnelDown
 from tunneld import ssh
 from tunneld.app import Gateway
-from tunneld.config import Config, Node, SSHSettings
+from tunneld.config import Node, SSHSettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
 from tunneld.dev.sshnode import SSHMaterial
 from tunneld.probe import http_get
 
-from .conftest import fast_config
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def states(gw: Gateway) -> dict[str, str]:
-    return {name: t.state.value for name, t in gw.pool.tunnels.items()}
-
-
-def all_up(gw: Gateway) -> bool:
-    return bool(gw.pool.tunnels) and all(s == "up" for s in states(gw).values())
-
-
-async def started(cfg: Config) -> Gateway:
-    gw = Gateway(cfg)
-    await gw.start()
-    await wait_for(lambda: all_up(gw), what="all tunnels up")
-    return gw
+from .conftest import all_up, fast_config, started, states, wait_for
 
 
 @pytest.mark.both_loops

@@ -1,0 +1,332 @@
+"""The egress front (HTTP CONNECT, as kube-apiserver's egress selector uses it) against the dev cluster's nodes.
+
+Clients are real: Python's http.client tunnelling through the unix socket, curl through the mutual-TLS listener, and
+raw sockets where the exact bytes on the wire are the point (the apiserver's contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from tunneld.config import Config, EgressSettings, PolicySettings, TLSServerSettings
+from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
+from tunneld.dev.pki import DevCA, write_private
+
+from .conftest import fast_config, started, wait_for
+
+ECHO_PORT = 7777
+SOURCE_PORT = 7778
+MiB = 1024 * 1024
+T = TypeVar("T")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket: the same CONNECT exchange an egress client performs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+        if self._tunnel_host:
+            self._tunnel()
+
+
+@dataclass
+class NodeServers:
+    """A TCP echo and a byte source on every simulated node's address (reached via the node's "loopback")."""
+
+    servers: list[asyncio.Server]
+    source_written: list[int]
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def node_servers(cluster: DevCluster) -> AsyncIterator[NodeServers]:
+    written = [0]
+
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Writes a deterministic stream of 64 MiB as fast as the reader takes it."""
+        try:
+            for i in range(64):
+                writer.write(bytes([i]) * MiB)
+                await writer.drain()
+                written[0] += MiB
+            writer.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    servers = []
+    for sim in cluster.sim_nodes:
+        servers.append(await asyncio.start_server(_echo, sim.address, ECHO_PORT))
+        servers.append(await asyncio.start_server(source, sim.address, SOURCE_PORT))
+    try:
+        yield NodeServers(servers, written)
+    finally:
+        for server in servers:
+            server.close()
+
+
+def egress_config(cluster: DevCluster, sock: Path | None, **egress: object) -> Config:
+    cfg = fast_config(cluster)
+    return replace(cfg, egress=EgressSettings(socket=sock, **egress),  # type: ignore[arg-type]
+                   policy=PolicySettings(node_ports=(str(ECHO_PORT), str(SOURCE_PORT), str(HEALTHZ_PORT))))
+
+
+async def connect_raw(sock: Path, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Send a CONNECT as the apiserver does; return the stream and the response head (through the blank line)."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: egress-test\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    return reader, writer, head
+
+
+async def refused(sock: Path, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` raw; return (status line, body) of the answer, which must end with the connection."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        writer.write(request)
+        data = await asyncio.wait_for(reader.read(-1), 10)  # EOF: the front closes after a failure
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+@pytest.mark.both_loops
+async def test_http_client_tunnels_through_unix_socket_to_kubelet_healthz(cluster: DevCluster,
+                                                                          short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        assert sock.stat().st_mode & 0o777 == 0o600
+        node = cluster.sim_nodes[1]
+
+        def get() -> tuple[int, bytes]:
+            conn = UnixHTTPConnection(sock)
+            conn.set_tunnel(node.address, HEALTHZ_PORT)
+            try:
+                conn.request("GET", "/healthz")
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+
+        assert await in_thread(get) == (200, b"ok")
+        tunnel = gw.pool.tunnels[node.name]
+        assert tunnel.counters.channels_total >= 1  # it went through that node's tunnel
+    finally:
+        await gw.stop()
+
+
+async def test_connect_reply_is_exactly_the_status_line(cluster: DevCluster, node_servers: NodeServers,
+                                                        short_dir: Path) -> None:
+    """The apiserver reads the reply head and then expects the tunnel: no headers, nothing else."""
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        node = cluster.sim_nodes[0]
+        reader, writer, head = await connect_raw(sock, f"{node.address}:{ECHO_PORT}")
+        assert head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        writer.close()
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.both_loops
+async def test_connect_large_transfer_with_half_close_is_byte_exact(cluster: DevCluster, node_servers: NodeServers,
+                                                                    short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        node = cluster.sim_nodes[2]
+        reader, writer, head = await connect_raw(sock, f"{node.address}:{ECHO_PORT}")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        size = 24 * MiB
+
+        async def send() -> None:
+            for i in range(size // MiB):
+                chunk = os.urandom(MiB) if i % 4 == 0 else bytes([i]) * MiB
+                sent.update(chunk)
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()  # half-close: the echo must still send everything back, then end
+
+        async def receive() -> int:
+            n = 0
+            while data := await reader.read(256 * 1024):
+                got.update(data)
+                n += len(data)
+            return n
+
+        _, received = await asyncio.wait_for(asyncio.gather(send(), receive()), 60)
+        assert received == size
+        assert got.hexdigest() == sent.hexdigest()
+        writer.close()
+        tunnel = gw.pool.tunnels[node.name]
+        await wait_for(lambda: tunnel.counters.open_channels == 0, what="channel closed")
+    finally:
+        await gw.stop()
+
+
+async def test_slow_reader_stops_the_sender_instead_of_growing_buffers(cluster: DevCluster,
+                                                                       node_servers: NodeServers,
+                                                                       short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        node = cluster.sim_nodes[0]
+        reader, writer, head = await connect_raw(sock, f"{node.address}:{SOURCE_PORT}")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        # Do not read: the source may fill the socket buffers, the SSH window and one read chunk, then must stall.
+        last, stalled_for = -1, 0.0
+        for _ in range(100):  # bounded: at most 100 x 0.1 s
+            await asyncio.sleep(0.1)
+            now = node_servers.source_written[0]
+            stalled_for = stalled_for + 0.1 if now == last else 0.0
+            last = now
+            if stalled_for >= 1.0:
+                break
+        assert stalled_for >= 1.0, f"source never stalled (wrote {last} bytes)"
+        assert last < 24 * MiB, f"{last} bytes buffered for a reader that reads nothing"
+        # Then everything arrives, in order and intact.
+        expected = hashlib.sha256(b"".join(bytes([i]) * MiB for i in range(64))).hexdigest()
+        got, n = hashlib.sha256(), 0
+        async with asyncio.timeout(60):
+            while data := await reader.read(256 * 1024):
+                got.update(data)
+                n += len(data)
+        assert n == 64 * MiB and got.hexdigest() == expected
+        writer.close()
+    finally:
+        await gw.stop()
+
+
+async def test_refusals_have_a_status_line_and_reason(cluster: DevCluster, short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        node = cluster.sim_nodes[0]
+        cases: list[tuple[bytes, bytes, bytes]] = [
+            # not part of the cluster: never dialed
+            (b"CONNECT 127.0.0.53:53 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"403", b"not a node, pod or service"),
+            # a node, but a port the policy does not allow
+            (f"CONNECT {node.address}:22 HTTP/1.1\r\nHost: x\r\n\r\n".encode(), b"403", b"policy.node_ports"),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"405", b"only supports CONNECT"),
+            (b"CONNECT nonsense HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"invalid CONNECT target"),
+            (b"CONNECT 10.0.0.1:99999 HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"bad port"),
+            (b"NOT HTTP AT ALL\r\n\r\n", b"400", b"malformed"),
+        ]
+        for request, status, reason in cases:
+            line, body = await refused(sock, request)
+            assert line.split(b" ")[1] == status, (request, line, body)
+            assert reason in body, (request, body)
+    finally:
+        await gw.stop()
+
+
+async def test_tunnel_down_is_502_with_the_reason(cluster: DevCluster, short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        node = cluster.sim_nodes[1]
+        await node.stop()
+        tunnel = gw.pool.tunnels[node.name]
+        await wait_for(lambda: tunnel.state.value in ("down", "connecting"), what="tunnel down")
+        line, body = await refused(sock, f"CONNECT {node.address}:{HEALTHZ_PORT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert line.startswith(b"HTTP/1.1 502 Bad Gateway"), line
+        assert f"tunnel to node {node.name}".encode() in body
+        # the other nodes still work
+        _, writer, head = await connect_raw(sock, f"{cluster.sim_nodes[0].address}:{HEALTHZ_PORT}")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
+def mtls(short_dir: Path) -> dict[str, Path]:
+    """A client CA with one client certificate, a server certificate, and a certificate from a foreign CA."""
+    ca, other = DevCA("egress client CA"), DevCA("someone else")
+    files: dict[str, Path] = {}
+
+    def put(name: str, data: bytes, secret: bool = False) -> None:
+        path = short_dir / name
+        write_private(path, data) if secret else path.write_bytes(data)
+        files[name] = path
+
+    put("ca.crt", ca.cert_pem)
+    server = ca.issue_serving("tunneld egress", ["127.0.0.1", "localhost"])
+    put("server.crt", server.cert_pem)
+    put("server.key", server.key_pem, True)
+    client = ca.issue_client("kube-apiserver", ("system:masters",))
+    put("client.crt", client.cert_pem)
+    put("client.key", client.key_pem, True)
+    foreign = other.issue_client("kube-apiserver")
+    put("foreign.crt", foreign.cert_pem)
+    put("foreign.key", foreign.key_pem, True)
+    return files
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "15", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.both_loops
+async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[str, Path]) -> None:
+    tls = TLSServerSettings(mtls["server.crt"], mtls["server.key"], mtls["ca.crt"])
+    gw = await started(egress_config(cluster, None, listen="127.0.0.1:0", tls=tls))
+    try:
+        port = gw.egress.ports[0]
+        node = cluster.sim_nodes[0]
+        url = f"http://{node.address}:{HEALTHZ_PORT}/healthz"
+        proxy = ["-p", "-x", f"https://127.0.0.1:{port}", "--proxy-cacert", str(mtls["ca.crt"])]
+        ok = await in_thread(lambda: curl(*proxy, "--proxy-cert", str(mtls["client.crt"]), "--proxy-key",
+                                    str(mtls["client.key"]), url))
+        assert ok.returncode == 0 and ok.stdout == "ok", ok.stderr
+        # no client certificate: the TLS handshake is refused, nothing is proxied
+        before = gw.pool.tunnels[node.name].counters.channels_total
+        anon = await in_thread(lambda: curl(*proxy, url))
+        assert anon.returncode != 0 and anon.stdout == ""
+        # a certificate from another CA: refused the same way
+        foreign = await in_thread(lambda: curl(*proxy, "--proxy-cert", str(mtls["foreign.crt"]), "--proxy-key",
+                                         str(mtls["foreign.key"]), url))
+        assert foreign.returncode != 0 and foreign.stdout == ""
+        assert gw.pool.tunnels[node.name].counters.channels_total == before
+    finally:
+        await gw.stop()
