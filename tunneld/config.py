@@ -3,12 +3,14 @@
 Every mistake is collected (not just the first) and reported as ``FILE: KEY: message`` so an operator can fix the
 whole file in one pass. Relative paths are resolved against the directory of the file that names them.
 Nodes come from ``[[nodes]]`` tables in the config file and/or in the inventory file named by
-``[inventory] file``; see :mod:`tunneld.inventory`.
+``[inventory] file``; see :mod:`tunneld.inventory`. With ``[inventory] source = "kubernetes"`` more nodes come from
+an API server at run time (:mod:`tunneld.k8s_inventory`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -170,6 +172,17 @@ class Service:
 
 
 @dataclass(frozen=True)
+class KubernetesInventorySettings:
+    """``[inventory] source = "kubernetes"``: list and watch Node objects (see :mod:`tunneld.k8s_inventory`)."""
+
+    kubeconfig: Path | None = None
+    """Kubeconfig file; None means the pod's service account (in-cluster)."""
+    label_selector: str | None = None
+    ssh_port: int = 22
+    """sshd port on every node found through the API (nodes carry no such field)."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -184,6 +197,9 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     inventory_file: Path | None = None
+    inventory_source: str = "file"
+    """``file``: only ``[[nodes]]``; ``kubernetes``: Node objects of an API server, plus ``[[nodes]]``."""
+    kubernetes: KubernetesInventorySettings | None = None
     nodes: tuple[Node, ...] = ()
     services: tuple[Service, ...] = ()
     log_level: str = "info"
@@ -457,6 +473,7 @@ def load_config(path: str | Path) -> Config:
 
     inv = table("inventory")
     inventory_file = inv.path("file", None)
+    inventory_source, kubernetes = _inventory_source(inv)
     inv.unknown()
 
     nodes = parse_nodes(top.get("nodes", list, []), base, problems) if "nodes" in data else []
@@ -475,9 +492,41 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(found)
     return Config(
         path=path, ssh=ssh, health=health, dial=dial, status=status, egress=egress, proxy=proxy_settings,
-        kubelet=kubelet, policy=policy, limits=limits, inventory_file=inventory_file, nodes=tuple(nodes),
+        kubelet=kubelet, policy=policy, limits=limits, inventory_file=inventory_file,
+        inventory_source=inventory_source, kubernetes=kubernetes, nodes=tuple(nodes),
         services=tuple(services), log_level=log_level, log_format=log_format,
     )
+
+
+_IN_CLUSTER_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def in_cluster() -> bool:
+    """Whether this process runs in a Kubernetes pod with a service account (the in-cluster credentials)."""
+    return "KUBERNETES_SERVICE_HOST" in os.environ and _IN_CLUSTER_TOKEN.is_file()
+
+
+def _inventory_source(inv: _Section) -> tuple[str, KubernetesInventorySettings | None]:
+    source = inv.get("source", str, "file")
+    kubeconfig = inv.path("kubeconfig", None)
+    selector = inv.get("label_selector", str, None)
+    ssh_port = inv.port("ssh_port", 22)
+    if source not in ("file", "kubernetes"):
+        inv.problem("source", f"{source!r}: must be \"file\" or \"kubernetes\"")
+        return "file", None
+    if source == "file":
+        for key in ("kubeconfig", "label_selector", "ssh_port"):
+            if key in inv.data:
+                inv.problem(key, 'only applies with source = "kubernetes"')
+        return source, None
+    if kubeconfig is None and not in_cluster():
+        inv.problem("kubeconfig", "required: not running in a pod, so there is no service account to use")
+    elif kubeconfig is not None and not kubeconfig.is_file():
+        inv.problem("kubeconfig", f"{kubeconfig}: file not found")
+    if selector is not None and (not selector.strip() or len(selector) > 1024 or not selector.isprintable()):
+        inv.problem("label_selector", "must be a non-empty label selector such as \"node-role/worker=true\"")
+        selector = None
+    return source, KubernetesInventorySettings(kubeconfig=kubeconfig, label_selector=selector, ssh_port=ssh_port)
 
 
 def load_inventory_nodes(path: Path) -> list[Node]:
