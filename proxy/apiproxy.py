@@ -110,6 +110,11 @@ class APIProxyFront:
             return self._service(route), route.path + query, False
         assert route.namespace is not None
         pod = await self.pods.get(route.namespace, route.name)
+        if pod is None and self.pods.unlisted:
+            # Not a 404: the pod may live on a node whose kubelet we could not ask.
+            nodes = ", ".join(sorted(self.pods.unlisted))
+            raise RouteError(503, f"pod {route.namespace}/{route.name} not found, but the pods of node(s) {nodes} "
+                                  "could not be listed; try again")
         if pod is None:
             raise RouteError(404, f"pod {route.namespace}/{route.name} not found")
         if route.kind == "pod":

@@ -97,6 +97,8 @@ class PodCache:
         self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock
         self._pods: dict[tuple[str, str], PodInfo] = {}
+        self.unlisted: dict[str, str] = {}
+        """Nodes whose pods the last refresh could not list, with the error: a missing pod may be on them."""
         self._refreshed_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -120,12 +122,15 @@ class PodCache:
     async def _refresh(self) -> None:
         nodes = list(self._directory.nodes.values())
 
+        unlisted: dict[str, str] = {}
+
         async def one(node: NodeInfo) -> list[PodInfo] | None:
             async with self._slots:
                 try:
                     return await self._fetch(node)
                 except Exception as exc:  # one bad kubelet must not hide the others' pods
                     log.warning("listing pods failed: %s", exc, extra={"node": node.name})
+                    unlisted[node.name] = str(exc) or type(exc).__name__
                     return None
 
         results = await asyncio.gather(*(one(n) for n in nodes))
@@ -136,6 +141,7 @@ class PodCache:
             for pod in result:
                 pods[(pod.namespace, pod.name)] = pod
         self._pods = pods
+        self.unlisted = unlisted
         self._refreshed_at = self._clock()
 
     def start(self) -> None:

@@ -195,8 +195,8 @@ class Server:
     async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         """Listen on TCP (TLS when ``tls`` is given); returns the bound port."""
         server = await asyncio.start_server(
-            self._accept, host, port, ssl=tls, limit=READ, ssl_handshake_timeout=self.limits.header_timeout,
-            reuse_address=True,
+            self._accept, host, port, ssl=tls, limit=READ, reuse_address=True,
+            ssl_handshake_timeout=self.limits.header_timeout if tls is not None else None,
         )
         self._servers.append(server)
         bound = server.sockets[0].getsockname()[1]
