@@ -1,0 +1,114 @@
+"""Process helpers for the benchmarks: start and stop what we started (by PID), and read /proc.
+
+Every process the benchmark starts goes through :func:`spawn` and is stopped by :func:`stop` (SIGTERM, a bounded
+wait, then SIGKILL), so nothing outlives a run and nothing we did not start is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NOFILE = 65536
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def raise_nofile(limit: int = NOFILE) -> None:
+    """Raise this process's open-file limit (as far as allowed): thousands of tunnels and streams need it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit), max(hard, limit)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def spawn(argv: list[str], *, log: Path, env: dict[str, str] | None = None, stdin: bool = False,
+          stdout_pipe: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session with a raised file limit; stderr (and stdout unless piped) go to ``log``."""
+    out = open(log, "ab")  # handed to the child, closed below
+    try:
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else out, stderr=out, env=env, start_new_session=True,
+            close_fds=True, preexec_fn=raise_nofile,
+        )
+    finally:
+        out.close()
+
+
+def wait_line(proc: subprocess.Popen[bytes], token: bytes, timeout: float) -> bytes:
+    """Read the child's stdout until a line containing ``token``; raise if it exits or the time runs out."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.splitlines():
+                if token in line:
+                    return line
+        elif proc.poll() is not None:
+            break
+    raise RuntimeError(f"process {proc.args!r} did not print {token!r} (rc={proc.poll()}, output={buf[-500:]!r})")
+
+
+def stop(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL; always reaps."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5.0)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A process's memory and cumulative CPU time at one moment."""
+
+    at: float
+    rss: int
+    pss: int
+    cpu_seconds: float
+
+
+def usage(pid: int) -> Usage:
+    """RSS and PSS (bytes, from smaps_rollup) and user+system CPU seconds of ``pid``."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = stat[stat.rfind(b")") + 2:].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1]) * 1024
+    return Usage(time.monotonic(), rss, pss, cpu)
+
+
+def cpu_percent(before: Usage, after: Usage) -> float:
+    """CPU use between two samples, in percent of one core."""
+    return 100.0 * (after.cpu_seconds - before.cpu_seconds) / max(after.at - before.at, 1e-9)
+
+
+def machine_load() -> dict[str, object]:
+    """The conditions of a run: cores, load averages, and the busiest other processes' CPU right now."""
+    load1, load5, load15 = os.getloadavg()
+    return {"cpus": os.cpu_count(), "loadavg": [load1, load5, load15]}
