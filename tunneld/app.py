@@ -21,7 +21,9 @@ from proxy.tls import client_context, server_context
 from tunneld import __version__
 from tunneld.config import Config, TLSServerSettings, load_config, split_host_port
 from tunneld.dialer import TunnelDialer
+from tunneld.health import HealthChecks, TunnelSync
 from tunneld.inventory import InventoryDiff
+from tunneld.metrics import InstrumentedDialer, Metrics
 from tunneld.pool import Pool
 from tunneld.status import StatusServer, make_app
 
@@ -75,7 +77,10 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pool = Pool(config.ssh, config.health, max_channels=config.limits.max_channels_per_tunnel)
-        self.dialer = TunnelDialer(self.pool, config.dial)
+        self.metrics = Metrics(self.pool, getattr(self, "csr_counts", None))
+        self.dialer = InstrumentedDialer(TunnelDialer(self.pool, config.dial), self.metrics)
+        self.sync = TunnelSync(self.pool, config.health.sync_max_age)
+        self.health = HealthChecks(self.sync)
         self.policy = build_policy(config)
         self.directory = Directory(*directory_entries(config))
         k = config.kubelet
@@ -91,7 +96,7 @@ class Gateway:
         limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
         self.egress = Server("egress", self.connect_front, limits)
         self.proxy = Server("proxy", self.api_front, limits)
-        self.status = StatusServer(make_app(self.pool, self.info), config.status)
+        self.status = StatusServer(make_app(self.pool, self.info, self.health, self.metrics), config.status)
 
     @property
     def kubelet_tls_verified(self) -> bool:
@@ -146,6 +151,7 @@ class Gateway:
             log.warning("listener and limit settings take effect on restart, not on reload")
         self.pool.ssh = new.ssh
         self.pool.health = new.health
+        self.sync.max_age = new.health.sync_max_age
         self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
                               limits=self.config.limits)
         self.policy = build_policy(self.config)
@@ -159,6 +165,7 @@ class Gateway:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let open streams finish for up to ``grace`` seconds, then close every tunnel."""
+        self.health.stopping = True
         await self.egress.stop_accepting()
         await self.proxy.stop_accepting()
         await self.api_front.pods.close()

@@ -74,6 +74,8 @@ class HealthSettings:
     failure_threshold: int = 1
     """Consecutive failed probes before a tunnel counts as degraded."""
     enabled: bool = True
+    sync_max_age: float = 600.0
+    """``/readyz`` and ``/healthz`` fail when no tunnel has been up for this long (0: never); see tunneld.health."""
 
 
 @dataclass(frozen=True)
@@ -412,10 +414,13 @@ def load_config(path: str | Path) -> Config:
         path=h.get("path", str, "/healthz"),
         failure_threshold=h.integer("failure_threshold", 1, minimum=1, maximum=1000),
         enabled=h.get("enabled", bool, True),
+        sync_max_age=h.number("sync_max_age", 600.0, positive=False),
     )
     h.unknown()
     if not health.path.startswith("/") or any(c in health.path for c in "\r\n "):
         problems.append("health.path: must be an absolute path without spaces")
+    if health.sync_max_age < 0:
+        problems.append("health.sync_max_age: must be 0 (off) or more seconds")
 
     d = table("dial")
     dial = DialSettings(timeout=d.number("timeout", 10.0), random_fallback=d.get("random_fallback", bool, True))

@@ -1,7 +1,8 @@
-"""The local status API (aiohttp): what operators and ``tunneld status`` read.
+"""The local status API (aiohttp): what operators, ``tunneld status`` and Prometheus read.
 
-``GET /tunnels`` -> ``{"tunnels": [...]}``; ``GET /tunnels/{node}`` -> one tunnel; ``GET /healthz`` -> ``ok``.
-Served on a unix socket (default) and/or a loopback TCP address.
+``GET /tunnels`` -> ``{"gateway": {...}, "tunnels": [...]}``; ``GET /tunnels/{node}`` -> one tunnel;
+``GET /livez``, ``/readyz``, ``/healthz`` (``?verbose``, see :mod:`tunneld.health`); ``GET /metrics`` (Prometheus
+text format, see :mod:`tunneld.metrics`). Served on a unix socket (default) and/or a loopback TCP address.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ from aiohttp import web
 
 from proxy.server import prepare_socket_path
 from tunneld.config import StatusSettings, split_host_port
+from tunneld.health import HealthChecks
+from tunneld.metrics import CONTENT_TYPE, Metrics
 from tunneld.pool import Pool
 
 SOCKET_MODE = 0o660
 
 
-def make_app(pool: Pool, info: Callable[[], dict[str, Any]]) -> web.Application:
+def make_app(
+    pool: Pool,
+    info: Callable[[], dict[str, Any]],
+    health: HealthChecks | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
     """Build the status application over ``pool``; ``info`` returns gateway-wide facts."""
 
     async def tunnels(request: web.Request) -> web.Response:
@@ -33,15 +41,18 @@ def make_app(pool: Pool, info: Callable[[], dict[str, Any]]) -> web.Application:
             raise web.HTTPNotFound(text=f"no node named {name!r}\n")
         return web.json_response(t.snapshot())
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+    async def metrics_page(request: web.Request) -> web.Response:
+        assert metrics is not None
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
     app.add_routes([
         web.get("/tunnels", tunnels),
         web.get("/tunnels/{name}", tunnel),
-        web.get("/healthz", healthz),
     ])
+    app.add_routes((health or HealthChecks()).routes())
+    if metrics is not None:
+        app.add_routes([web.get("/metrics", metrics_page)])
     return app
 
 
