@@ -129,5 +129,10 @@ def status(node: str | None, socket_path: str, output: str) -> None:
         click.echo(render.table(tunnels))
 
 
+from tunneld.cli_node import ssh as _ssh_group  # noqa: E402  (node-side commands live in their own module)
+
+main.add_command(_ssh_group)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,108 @@
+"""Host certificates from ``tunneld ssh sign-host`` presented by a real OpenSSH sshd, checked by the gateway.
+
+The gateway's known_hosts holds only the line ``tunneld ssh sign-host`` printed. A node whose sshd presents a
+certificate from that CA naming it comes up; a node with a certificate from another CA, or with one from our CA that
+names another host, is refused before the gateway authenticates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.sshbed import SSH_KEYGEN, SshBed, SshNode
+from tunneld.app import Gateway
+
+from .conftest import config_for
+
+pytestmark = pytest.mark.system
+
+TUNNELD = [sys.executable, "-m", "tunneld"]
+
+
+def tunneld(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TUNNELD, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def sign(ca_key: Path, node: SshNode, *principals: str, validity: str = "52w") -> str:
+    """Sign the node's host key with our CLI, restart its sshd to present the new certificate; return the line."""
+    argv = ["ssh", "sign-host", "--ca-key", str(ca_key), "--host-key", str(node.host_key_pub), "--validity", validity]
+    for p in principals:
+        argv += ["--principal", p]
+    cp = tunneld(*argv)
+    assert cp.returncode == 0, cp.stderr
+    # The default output path is where sshd's HostCertificate points (<key>-cert.pub, as ssh-keygen writes it).
+    assert node.host_cert == node.host_key_pub.with_name("ssh_host_ed25519_key-cert.pub")
+    assert f"host certificate written: {node.host_cert}" in cp.stderr
+    node.kill_sshd()
+    node.start_sshd()
+    return cp.stdout.strip()
+
+
+def keygen_list(cert: Path | None) -> str:
+    """``ssh-keygen -L -f cert``: OpenSSH's own reading of the certificate."""
+    assert cert is not None
+    return subprocess.run([SSH_KEYGEN, "-L", "-f", str(cert)], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+async def wait_for(cond: object, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_gateway_accepts_our_host_certificates_and_refuses_others(bed: SshBed, tmp_path: Path) -> None:
+    cp = tunneld("ssh", "init", "--dir", str(tmp_path / "sshca"))
+    assert cp.returncode == 0, cp.stderr
+    ca_key = tmp_path / "sshca" / "ssh_ca"
+    assert ca_key.stat().st_mode & 0o777 == 0o600
+    init_line = cp.stdout.strip()
+    assert init_line == "@cert-authority * " + (tmp_path / "sshca" / "ssh_ca.pub").read_text().strip()
+    again = tunneld("ssh", "init", "--dir", str(tmp_path / "sshca"))
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    assert "@cert-authority * " + (tmp_path / "sshca" / "ssh_ca.pub").read_text().strip() == init_line, "untouched"
+
+    good = bed.add_node("good")
+    foreign = bed.add_node("foreign")  # keeps the certificate of the bed's own CA, which the gateway does not trust
+    wrong = bed.add_node("wrong")
+    line = sign(ca_key, good, "good", good.address)
+    assert line == init_line
+    sign(ca_key, wrong, "somebody-else", "192.0.2.77")
+
+    listing = keygen_list(good.host_cert)
+    assert "host certificate" in listing
+    principals = re.search(r"Principals:\s*\n((?:\s+\S+\n)+)", listing)
+    assert principals and principals.group(1).split() == ["good", good.address]
+    valid = re.search(r"Valid: from (\S+) to (\S+)", listing)
+    assert valid, listing
+    start, end = (time.mktime(time.strptime(v, "%Y-%m-%dT%H:%M:%S")) for v in valid.groups())
+    assert 52 * 7 * 86400 <= end - start <= 52 * 7 * 86400 + 3600  # 52 weeks plus the few minutes of backdating
+    assert start <= time.time() <= end
+
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(line + "\n")
+    cfg = config_for(bed, ["good", "foreign", "wrong"])
+    cfg = replace(cfg, ssh=replace(cfg.ssh, known_hosts=known_hosts))
+    gw = Gateway(cfg)
+    await gw.start()
+    try:
+        await wait_for(lambda: gw.pool.tunnels["good"].state.value == "up", what="the signed node's tunnel up")
+        for name in ("foreign", "wrong"):
+            tunnel = gw.pool.tunnels[name]
+            await wait_for(lambda t=tunnel: t.machine.connect_failures >= 2, what=f"{name} refused twice")
+            assert tunnel.machine.connects == 0
+            assert "host key" in (tunnel.machine.last_error or ""), tunnel.machine.last_error
+        assert good.accepted_logins() == 1
+        assert foreign.accepted_logins() == 0 and wrong.accepted_logins() == 0, "no login to an untrusted host"
+    finally:
+        await gw.stop()
