@@ -115,18 +115,29 @@ def _get(socket_path: str, path: str) -> Any:
 @click.argument("node", required=False)
 @click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, envvar="TUNNELD_SOCKET")
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def status(node: str | None, socket_path: str, output: str) -> None:
-    """Show the tunnels of the running daemon (unhealthy first), or one NODE."""
-    if node:
-        data = _get(socket_path, f"/tunnels/{node}")
-        tunnels = [data]
-    else:
-        data = _get(socket_path, "/tunnels")
-        tunnels = data["tunnels"]
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
-    else:
-        click.echo(render.table(tunnels))
+@click.option("--watch", "-w", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", default=0, type=click.IntRange(0), help="With --watch: stop after this many refreshes.")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="auto: colour on a terminal only.")
+def status(node: str | None, socket_path: str, output: str, watch: bool, interval: float, count: int,
+           color: str) -> None:
+    """Show the tunnels of the running daemon (unhealthy first), or one NODE in detail."""
+    path = f"/tunnels/{node}" if node else "/tunnels"
+    con = render.console(color)
+
+    def view() -> Any:
+        data = _get(socket_path, path)
+        if output == "json":
+            return json.dumps(data, indent=None if watch else 2)
+        return render.detail(data) if node else render.tunnel_table(data["tunnels"])
+
+    if not watch:
+        render.show(con, view())
+        return
+    title = "tunneld status" + (f" {node}" if node else "")
+    render.watch(con, view, title, interval, count, live=output != "json")
 
 
 from tunneld.cli_node import ssh as _ssh_group  # noqa: E402  (node-side commands live in their own module)

@@ -1,16 +1,33 @@
-"""Plain-text rendering of tunnel status for the CLI (unhealthy tunnels first)."""
+"""Rendering of tunnel status for people (rich): the table, one node's detail, and the console to print them on.
+
+Unhealthy tunnels sort first (down, degraded, connecting, stopped, up). Colour only goes to a terminal: a down or
+degraded row is red, connecting yellow, up green; piped output is plain text whose columns split on whitespace.
+"""
 
 from __future__ import annotations
 
+import io
+import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from click import ClickException
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 _ORDER = {"down": 0, "degraded": 1, "connecting": 2, "stopped": 3, "up": 4}
 COLUMNS = ("NODE", "ADDRESS", "STATE", "SINCE", "CHANNELS", "IN", "OUT", "PROBE", "LAST ERROR")
+ROW_STYLE = {"down": "red", "degraded": "red", "connecting": "yellow", "stopped": "dim", "up": ""}
+STATE_STYLE = {"down": "bold red", "degraded": "bold red", "connecting": "yellow", "stopped": "dim", "up": "green"}
+PLAIN_WIDTH = 400
+"""Width used when not on a terminal, so that piped rows are never wrapped."""
 
 
 def human_bytes(n: int) -> str:
+    """``1536`` -> ``1.5KiB``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -20,6 +37,7 @@ def human_bytes(n: int) -> str:
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
+    """A short age such as ``42s``, ``5m``, ``3h``; ``-`` for None."""
     if ts is None:
         return "-"
     secs = max(0, int((now or time.time()) - ts))
@@ -31,19 +49,146 @@ def ago(ts: float | None, now: float | None = None) -> str:
 
 
 def sort_tunnels(tunnels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unhealthy first, then by node name."""
     return sorted(tunnels, key=lambda t: (_ORDER.get(t["state"], 0), t["node"]))
 
 
-def row(t: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
+def _probe(t: dict[str, Any], now: float | None) -> str:
     probe = t.get("last_probe")
-    probe_text = "-" if not probe else ("ok" if probe["ok"] else "FAIL") + f" {ago(probe['at'], now)} ago"
+    if not probe:
+        return "-"
+    return ("ok" if probe["ok"] else "FAIL") + f" {ago(probe['at'], now)} ago"
+
+
+def row(t: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
+    """One table row as text cells, in :data:`COLUMNS` order."""
     return (
         t["node"], f"{t['address']}:{t['ssh_port']}", t["state"], ago(t["since"], now), str(t["open_channels"]),
-        human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), probe_text, (t.get("last_error") or "")[:80],
+        human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), _probe(t, now), (t.get("last_error") or "")[:80],
     )
 
 
+def tunnel_table(tunnels: Sequence[dict[str, Any]], now: float | None = None) -> Table:
+    """The tunnel table as a rich renderable (unhealthy first, rows coloured by state)."""
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 2, 0, 0))
+    for name in COLUMNS:
+        table.add_column(name, no_wrap=name != "LAST ERROR", overflow="fold")
+    for t in sort_tunnels(tunnels):
+        cells = list(row(t, now))
+        state = t["state"]
+        cells_r: list[RenderableType] = [*cells[:2], Text(cells[2], style=STATE_STYLE.get(state, "")), *cells[3:]]
+        table.add_row(*cells_r, style=ROW_STYLE.get(state, ""))
+    return table
+
+
+def detail(t: dict[str, Any], now: float | None = None) -> Table:
+    """One node's tunnel in detail (``tunneld status NODE``)."""
+    now = now or time.time()
+    state = t["state"]
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+
+    def when(ts: float | None) -> str:
+        if ts is None:
+            return "-"
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f" ({ago(ts, now)} ago)"
+
+    table.add_row("Node", t["node"])
+    table.add_row("Address", f"{t['address']}:{t['ssh_port']}")
+    table.add_row("State", Text(state, style=STATE_STYLE.get(state, "")))
+    table.add_row("Since", when(t["since"]))
+    table.add_row("Last error", Text(t.get("last_error") or "-", style="red" if t.get("last_error") else ""))
+    table.add_row("Connects", f"{t.get('connects', 0)} (consecutive failures: {t.get('connect_failures', 0)})")
+    retry = t.get("next_retry")
+    table.add_row("Next retry", "-" if retry is None else f"in {max(0.0, retry - now):.1f}s")
+    table.add_row("Channels", f"{t['open_channels']} open, {t.get('channels_total', 0)} total")
+    table.add_row("Bytes", f"in {human_bytes(t['bytes_in'])} ({t['bytes_in']}), "
+                           f"out {human_bytes(t['bytes_out'])} ({t['bytes_out']})")
+    probe = t.get("last_probe")
+    if probe:
+        verdict = Text("ok" if probe["ok"] else "FAILED", style="green" if probe["ok"] else "bold red")
+        table.add_row("Last probe", Text.assemble(verdict, f" at {when(probe['at'])}, {probe['latency_ms']} ms"))
+        table.add_row("Probe said", probe.get("detail") or "-")
+    else:
+        table.add_row("Last probe", "-")
+    return table
+
+
+def console(color: str = "auto", file: TextIO | None = None) -> Console:
+    """A console for ``color`` = ``auto`` (colour on a terminal only), ``always`` or ``never``."""
+    force = {"always": True, "never": False}.get(color)
+    con = Console(file=file, force_terminal=force, no_color=True if color == "never" else None, highlight=False,
+                  soft_wrap=False)
+    out = file or sys.stdout
+    if not (hasattr(out, "isatty") and out.isatty()):
+        con.width = PLAIN_WIDTH
+    return con
+
+
+def to_text(renderable: RenderableType) -> str:
+    """``renderable`` as plain text, trailing spaces removed (for logs and non-terminal output)."""
+    buf = io.StringIO()
+    Console(file=buf, width=PLAIN_WIDTH, color_system=None, highlight=False).print(renderable)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
+
+
 def table(tunnels: Sequence[dict[str, Any]], now: float | None = None) -> str:
-    rows = [COLUMNS, *(row(t, now) for t in sort_tunnels(tunnels))]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    """The tunnel table as plain text."""
+    return to_text(tunnel_table(tunnels, now))
+
+
+def show(con: Console, view: RenderableType) -> None:
+    """Print ``view`` once: with colour on a (possibly forced) terminal, as plain text otherwise."""
+    if isinstance(view, str):
+        con.file.write(view + "\n")
+        con.file.flush()
+    elif con.is_terminal:
+        con.print(view)
+    else:
+        con.file.write(to_text(view) + "\n")
+        con.file.flush()
+
+
+def _frame(title: str, view: Callable[[], RenderableType], interval: float) -> RenderableType:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        body = view()
+    except ClickException as exc:  # the daemon went away or restarted: keep watching
+        body = Text(f"error: {exc.format_message()}", style="bold red")
+    header = Text(f"Every {interval:g}s: {title}    {stamp}", style="dim")
+    return Group(header, Text(), body)
+
+
+def watch(con: Console, view: Callable[[], RenderableType], title: str, interval: float, count: int = 0,
+          live: bool = True) -> None:
+    """Refresh ``view`` every ``interval`` seconds until Ctrl-C (or ``count`` refreshes, when not 0).
+
+    On a terminal the frame is redrawn in place (rich's Live); otherwise (or with ``live=False``, for JSON) each
+    refresh is printed after the previous one.
+    """
+    n = 0
+    try:
+        if live and con.is_terminal:
+            with Live(console=con, auto_refresh=False, transient=False) as screen:
+                while count == 0 or n < count:
+                    screen.update(_frame(title, view, interval), refresh=True)
+                    n += 1
+                    if count == 0 or n < count:
+                        time.sleep(interval)
+            return
+        while count == 0 or n < count:
+            if live:
+                if n:
+                    con.file.write("\n")
+                show(con, _frame(title, view, interval))
+            else:
+                try:
+                    show(con, view())
+                except ClickException as exc:
+                    sys.stderr.write(f"error: {exc.format_message()}\n")
+            n += 1
+            if count == 0 or n < count:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        con.file.write("\n")
