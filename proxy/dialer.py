@@ -43,6 +43,17 @@ class TunnelDown(DialError):
     reason = "Bad Gateway"
 
 
+class TunnelUnavailable(TunnelDown):
+    """The owning node's tunnel is down and being re-established (node unreachable, sshd gone): retry later.
+
+    Distinct from a plain :class:`TunnelDown` (502), which is kept for a node the gateway refuses to trust or log in
+    to: retrying that does not help.
+    """
+
+    status = 503
+    reason = "Service Unavailable"
+
+
 class ChannelRefused(DialError):
     """The node's sshd refused to open the forwarded channel."""
 

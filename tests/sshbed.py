@@ -13,7 +13,8 @@
 #   throwaway per-node CA otherwise), an authorized_keys file with the client key and an sshd_config.  The
 #   real /usr/sbin/sshd runs in the foreground (-D, logging to a file with LogLevel VERBOSE) inside the
 #   namespace, next to tests/nodeagent.py, which serves GET /healthz (port 10248) and a TCP echo (7777) on
-#   127.0.0.1 inside the namespace -- the targets a gateway reaches *through* the SSH tunnel.
+#   127.0.0.1 inside the namespace -- the targets a gateway reaches *through* the SSH tunnel -- and the same
+#   HTTP server (with /stream and /sink for fault tests) on the node's own address, port 8080 (app_port).
 # * Every process is started by the bed and stopped by PID (SIGTERM, <= 5 s grace, SIGKILL), together with
 #   the per-connection children sshd forked (found through /proc).  Namespaces and veths are deleted on
 #   remove_node()/close(); close() is idempotent, runs from __exit__ and, as a safety net, at interpreter exit.
@@ -49,6 +50,7 @@ AGENT_SCRIPT = Path(__file__).resolve().with_name("nodeagent.py")
 
 HEALTHZ_PORT = 10248
 ECHO_PORT = 7777
+APP_PORT = 8080
 LOOPBACK_FIRST_SSH_PORT = 2222
 STARTUP_TIMEOUT = 10.0
 STOP_GRACE = 5.0
@@ -289,6 +291,7 @@ class SshNode:
         self.authorized_keys = directory / "authorized_keys"
         self.echo_port = ECHO_PORT
         self.healthz_port = HEALTHZ_PORT
+        self.app_port = APP_PORT
         self._sshd: subprocess.Popen[bytes] | None = None
         self._agent: subprocess.Popen[bytes] | None = None
 
@@ -380,13 +383,33 @@ class SshNode:
         self._sshd = None
         self.sshd_pid = None
 
+    def replace_host_key(self, *, signed: bool) -> None:
+        """Give the node a new host key (certified by the bed CA when signed, else by a throwaway CA), restart sshd.
+
+        With signed=False this is a man in the middle as the gateway sees it: same address, untrusted key.
+        """
+        self.kill_sshd()
+        for path in (self.host_key, self.host_key_pub, self.dir / "ssh_host_ed25519_key-cert.pub"):
+            path.unlink(missing_ok=True)
+        ca = self.bed.ca_key
+        if not signed:
+            ca = self.dir / "throwaway_ca"
+            if not ca.exists():
+                _run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "sshbed-untrusted-ca", "-f", str(ca)])
+        _run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", f"host-{self.name}", "-f", str(self.host_key)])
+        _run([SSH_KEYGEN, "-q", "-s", str(ca), "-h", "-I", self.name, "-n", f"{self.name},{self.address}",
+              "-V", "-5m:+1d", str(self.host_key_pub)])
+        self.signed = signed
+        self.start_sshd()
+
     # -- agent -------------------------------------------------------------------------------------------
 
     def _start_agent(self) -> subprocess.Popen[bytes]:
         """Launch the node agent (readiness is awaited separately by _wait_agent_ready)."""
         host = "127.0.0.1" if self.netns is not None else self.address
         argv = [sys.executable, "-I", "-u", str(AGENT_SCRIPT), "--host", host,
-                "--healthz-port", str(HEALTHZ_PORT), "--echo-port", str(ECHO_PORT)]
+                "--healthz-port", str(HEALTHZ_PORT), "--echo-port", str(ECHO_PORT),
+                "--app-host", self.address, "--app-port", str(APP_PORT)]
         if self.netns is None:
             argv.append("--fallback-ephemeral")  # loopback mode: ports might be taken by someone else
         with open(self.agent_log_path, "ab") as err:
@@ -412,9 +435,11 @@ class SshNode:
                 if not chunk:
                     break
                 buf += chunk
-                m = re.search(rb"READY healthz=(\d+) echo=(\d+)\n", buf)
+                m = re.search(rb"READY healthz=(\d+) echo=(\d+)(?: app=(\d+))?\n", buf)
                 if m:
                     self.healthz_port, self.echo_port = int(m.group(1)), int(m.group(2))
+                    if m.group(3):
+                        self.app_port = int(m.group(3))
                     return
             elif proc.poll() is not None:
                 break

@@ -15,6 +15,7 @@ from proxy.dialer import (
     Overloaded,
     StreamError,
     TunnelDown,
+    TunnelUnavailable,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Overloaded",
     "StreamError",
     "TunnelDown",
+    "TunnelUnavailable",
 ]
 
 

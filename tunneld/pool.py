@@ -22,7 +22,7 @@ from typing import Any
 
 from tunneld import ssh
 from tunneld.config import HealthSettings, Node, SSHSettings
-from tunneld.errors import ConnectFailed, HostKeyRejected, Overloaded, TunnelDown
+from tunneld.errors import AuthFailed, ConnectFailed, HostKeyRejected, Overloaded, TunnelDown, TunnelUnavailable
 from tunneld.inventory import InventoryDiff, OwnerIndex, diff
 from tunneld.probe import ProbeFailed, probe
 from tunneld.state import Backoff, Event, State, TunnelStateMachine
@@ -57,6 +57,7 @@ class Tunnel:
         self.last_probe: ProbeResult | None = None
         self.next_retry: float | None = None
         self._last_exc: Exception | None = None
+        self._opening = 0  # channel opens under way: they count against the channel limit too
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -67,15 +68,28 @@ class Tunnel:
         self._task = asyncio.create_task(self._supervise(), name=f"tunnel:{self.node.name}")
 
     async def open_stream(self, host: str, port: int, timeout: float) -> ssh.ChannelStream:
-        """Open a forwarded channel through this tunnel. Raises :class:`TunnelDown` when not connected."""
+        """Open a forwarded channel through this tunnel.
+
+        Raises :class:`TunnelUnavailable` (503) while the tunnel is down and being re-established,
+        :class:`TunnelDown` (502) when the node's host key or our login was refused (retrying will not help), and
+        :class:`Overloaded` (503) at ``limits.max_channels_per_tunnel`` (opens under way count, so a burst of
+        concurrent dials cannot overshoot the limit).
+        """
         link = self.link
         if link is None or self.state not in (State.UP, State.DEGRADED):
             why = f": {self.machine.last_error}" if self.machine.last_error else ""
-            raise TunnelDown(f"tunnel to node {self.node.name} is {self.state.value}{why}")
-        if self.counters.open_channels >= self._pool.max_channels:
+            message = f"tunnel to node {self.node.name} is {self.state.value}{why}"
+            if isinstance(self._last_exc, HostKeyRejected | AuthFailed):
+                raise TunnelDown(message)
+            raise TunnelUnavailable(message)
+        if self.counters.open_channels + self._opening >= self._pool.max_channels:
             raise Overloaded(f"tunnel to node {self.node.name} has {self.counters.open_channels} open channels "
                              f"(limits.max_channels_per_tunnel)")
-        return await link.open_stream(host, port, timeout)
+        self._opening += 1
+        try:
+            return await link.open_stream(host, port, timeout)
+        finally:
+            self._opening -= 1
 
     def _event(self, event: Event, error: str | None = None) -> None:
         before = self.machine.state

@@ -33,6 +33,13 @@ log = logging.getLogger("tunneld.ssh")
 # can make the node's sshd buffer for us.
 CHANNEL_WINDOW = 4 * 1024 * 1024
 READ_SIZE = 256 * 1024
+# RFC 4254 section 5.1 reason codes: OpenSSH's description is often just "open failed", the code says why.
+_OPEN_FAILURES = {
+    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited (sshd forbids forwarding there)",
+    asyncssh.OPEN_CONNECT_FAILED: "connect failed",
+    asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE: "unknown channel type",
+    asyncssh.OPEN_RESOURCE_SHORTAGE: "resource shortage",
+}
 
 
 @dataclass
@@ -170,9 +177,9 @@ class SSHLink:
         except TimeoutError as exc:
             raise DialTimeout(f"opening a channel to {host}:{port} via node {self.node} timed out") from exc
         except asyncssh.ChannelOpenError as exc:
-            raise ChannelRefused(
-                f"node {self.node} refused a channel to {host}:{port}: {exc.reason or 'refused'}"
-            ) from exc
+            why = _OPEN_FAILURES.get(exc.code, f"code {exc.code}")
+            detail = f" ({exc.reason})" if exc.reason and exc.reason.lower() != why else ""
+            raise ChannelRefused(f"node {self.node} refused a channel to {host}:{port}: {why}{detail}") from exc
         except (asyncssh.Error, OSError) as exc:
             raise TunnelDown(f"tunnel to node {self.node} failed: {_describe(exc)}") from exc
         return ChannelStream(reader, writer, self.counters, f"{host}:{port}")

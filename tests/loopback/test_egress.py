@@ -260,7 +260,7 @@ async def test_refusals_have_a_status_line_and_reason(cluster: DevCluster, short
         await gw.stop()
 
 
-async def test_tunnel_down_is_502_with_the_reason(cluster: DevCluster, short_dir: Path) -> None:
+async def test_tunnel_down_is_503_with_the_reason(cluster: DevCluster, short_dir: Path) -> None:
     sock = short_dir / "egress.sock"
     gw = await started(egress_config(cluster, sock))
     try:
@@ -269,7 +269,7 @@ async def test_tunnel_down_is_502_with_the_reason(cluster: DevCluster, short_dir
         tunnel = gw.pool.tunnels[node.name]
         await wait_for(lambda: tunnel.state.value in ("down", "connecting"), what="tunnel down")
         line, body = await refused(sock, f"CONNECT {node.address}:{HEALTHZ_PORT} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert line.startswith(b"HTTP/1.1 502 Bad Gateway"), line
+        assert line.startswith(b"HTTP/1.1 503 Service Unavailable"), line
         assert f"tunnel to node {node.name}".encode() in body
         # the other nodes still work
         _, writer, head = await connect_raw(sock, f"{cluster.sim_nodes[0].address}:{HEALTHZ_PORT}")
