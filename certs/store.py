@@ -1,0 +1,120 @@
+"""Where CSRs, bootstrap tokens and the audit log live: the :class:`Store` protocol and its shared helpers.
+
+Backends: :mod:`certs.sqlite_store` (one file, default) and :mod:`certs.etcd_store` (several masters share it).
+Updates are compare-and-swap on ``resource_version``: :func:`update_csr` re-reads and retries on conflict, so two
+gateways deciding or signing at once never lose each other's conditions. The audit log is append-only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from certs.csr import CSR, now_rfc3339
+from certs.tokens import BootstrapToken
+
+
+class StoreError(Exception):
+    """The store cannot be reached or answered something unexpected."""
+
+
+class NotFound(StoreError):
+    """No such object."""
+
+
+class AlreadyExists(StoreError):
+    """An object with that name exists."""
+
+
+class Conflict(StoreError):
+    """The object changed since it was read (compare-and-swap failed)."""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One decision or event: who did what to which CSR, when and why."""
+
+    csr: str
+    action: str
+    """``created``, ``approved``, ``denied``, ``failed``, ``issued``, ``queued``."""
+    actor: str
+    reason: str = ""
+    message: str = ""
+    time: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-able form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: str(d.get(k, "")) for k in ("csr", "action", "actor", "reason", "message", "time")})
+
+    @classmethod
+    def now(cls, csr: str, action: str, actor: str, reason: str = "", message: str = "",
+            when: dt.datetime | None = None) -> AuditRecord:
+        """A record stamped with the current time."""
+        return cls(csr, action, actor, reason, message, now_rfc3339(when))
+
+
+class Store(Protocol):
+    """Persistence for the CSR API."""
+
+    async def create_csr(self, csr: CSR) -> CSR:
+        """Store a new CSR; returns it with its ``resource_version``. Raises :class:`AlreadyExists`."""
+        ...
+
+    async def get_csr(self, name: str) -> CSR:
+        """Raises :class:`NotFound`."""
+        ...
+
+    async def list_csrs(self) -> list[CSR]:
+        """Every CSR, oldest first."""
+        ...
+
+    async def replace_csr(self, csr: CSR) -> CSR:
+        """Write ``csr`` if nobody changed it since ``csr.resource_version``; raises :class:`Conflict`."""
+        ...
+
+    async def put_token(self, token: BootstrapToken) -> None:
+        """Store a new bootstrap token; raises :class:`AlreadyExists` if the id is taken."""
+        ...
+
+    async def get_token(self, token_id: str) -> BootstrapToken | None:
+        """The token with that id, or None."""
+        ...
+
+    async def list_tokens(self) -> list[BootstrapToken]:
+        """Every bootstrap token."""
+        ...
+
+    async def delete_token(self, token_id: str) -> bool:
+        """Remove a token; False when there was none."""
+        ...
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        """Append to the audit log (records are never changed or removed)."""
+        ...
+
+    async def list_audit(self, csr: str | None = None) -> list[AuditRecord]:
+        """The audit log, oldest first, optionally for one CSR."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+async def update_csr(store: Store, name: str, mutate: Callable[[CSR], None], attempts: int = 20) -> CSR:
+    """Read ``name``, apply ``mutate`` (which may raise to abort), write back; retry on :class:`Conflict`."""
+    for _ in range(attempts):
+        csr = await store.get_csr(name)
+        mutate(csr)
+        try:
+            return await store.replace_csr(csr)
+        except Conflict:
+            continue
+    raise Conflict(f"{name}: changed concurrently {attempts} times in a row")
