@@ -19,10 +19,11 @@ from proxy.policy import Policy, PortSet
 from proxy.server import Limits, Server
 from proxy.tls import client_context, server_context
 from tunneld import __version__
-from tunneld.config import Config, TLSServerSettings, load_config, split_host_port
+from tunneld.config import Config, Node, TLSServerSettings, load_config, split_host_port
 from tunneld.dialer import TunnelDialer
 from tunneld.health import HealthChecks, TunnelSync
 from tunneld.inventory import InventoryDiff
+from tunneld.k8s_inventory import KubeInventory, merge_nodes
 from tunneld.metrics import InstrumentedDialer, Metrics
 from tunneld.pool import Pool
 from tunneld.status import StatusServer, make_app
@@ -97,6 +98,12 @@ class Gateway:
         self.egress = Server("egress", self.connect_front, limits)
         self.proxy = Server("proxy", self.api_front, limits)
         self.status = StatusServer(make_app(self.pool, self.info, self.health, self.metrics), config.status)
+        self.kube: KubeInventory | None = None
+        """The Kubernetes node source, with ``[inventory] source = "kubernetes"``, once started."""
+        self.kube_options: dict[str, Any] = {}
+        """Extra keyword arguments for :class:`KubeInventory` (tests pass short backoffs here)."""
+        self._kube_nodes: list[Node] = []
+        self._merge_notes: set[str] = set()
 
     @property
     def kubelet_tls_verified(self) -> bool:
@@ -132,6 +139,10 @@ class Gateway:
             await self.proxy.listen_tcp(host, port, _server_tls(p.tls))
         await self.status.start()
         self.pool.apply(self.config.nodes)
+        if self.config.inventory_source == "kubernetes" and self.config.kubernetes is not None:
+            kube = KubeInventory.from_settings(self.config.kubernetes, self._on_kube_nodes, **self.kube_options)
+            await kube.start()
+            self.kube = kube
         if p.listen is not None:
             self.api_front.pods.start()
         log.info("started", extra={"nodes": len(self.config.nodes), "version": __version__})
@@ -149,23 +160,42 @@ class Gateway:
         if (new.egress, new.proxy, new.status, new.limits) != (self.config.egress, self.config.proxy,
                                                                self.config.status, self.config.limits):
             log.warning("listener and limit settings take effect on restart, not on reload")
+        if (new.inventory_source, new.kubernetes) != (self.config.inventory_source, self.config.kubernetes):
+            log.warning("[inventory] source settings take effect on restart, not on reload")
         self.pool.ssh = new.ssh
         self.pool.health = new.health
         self.sync.max_age = new.health.sync_max_age
         self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
                               limits=self.config.limits)
-        self.policy = build_policy(self.config)
-        self.connect_front.policy = self.policy
-        self.api_front.policy = self.policy
-        self.directory.update(*directory_entries(self.config))
-        change = self.pool.apply(new.nodes)
+        change = self._apply_inventory()
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),
                                     "changed": len(change.changed)})
         return change
 
+    def _on_kube_nodes(self, nodes: list[Node]) -> None:
+        self._kube_nodes = nodes
+        self._apply_inventory()
+
+    def _apply_inventory(self) -> InventoryDiff:
+        """Apply the static ``[[nodes]]`` plus the Kubernetes nodes (a static node wins on a name clash) to the
+        policy, the directory and the pool."""
+        merged, notes = merge_nodes(self.config.nodes, self._kube_nodes)
+        for note in sorted(set(notes) - self._merge_notes):
+            log.warning("inventory: %s", note)
+        self._merge_notes = set(notes)
+        effective = replace(self.config, nodes=tuple(merged))
+        self.policy = build_policy(effective)
+        self.connect_front.policy = self.policy
+        self.api_front.policy = self.policy
+        self.directory.update(*directory_entries(effective))
+        return self.pool.apply(merged)
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let open streams finish for up to ``grace`` seconds, then close every tunnel."""
         self.health.stopping = True
+        if self.kube is not None:
+            await self.kube.stop()
+            self.kube = None
         await self.egress.stop_accepting()
         await self.proxy.stop_accepting()
         await self.api_front.pods.close()

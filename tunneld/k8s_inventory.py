@@ -256,6 +256,7 @@ class KubeAPI:
         self.client = client
         self.server = server
         self.label_selector = label_selector
+        self.page_size = LIST_PAGE_SIZE
 
     @classmethod
     def from_settings(cls, settings: KubernetesInventorySettings, timeout: float = 10.0) -> KubeAPI:
@@ -309,13 +310,12 @@ class KubeAPI:
         except OSError as exc:  # TLS verification failures and friends surface as OSError subclasses
             raise KubeInventoryError(f"{self.server}: {type(exc).__name__}: {exc}") from exc
 
-    async def list_nodes(self, page_size: int = LIST_PAGE_SIZE, read_timeout: float = 60.0) \
-            -> tuple[list[dict[str, Any]], str]:
-        """All nodes (paginated) and the resourceVersion the list is consistent at."""
+    async def list_nodes(self, read_timeout: float = 60.0) -> tuple[list[dict[str, Any]], str]:
+        """All nodes (in pages of :attr:`page_size`) and the resourceVersion the list is consistent at."""
         items: list[dict[str, Any]] = []
         token = ""
         for _ in range(100_000):
-            params = self._params(limit=str(page_size))
+            params = self._params(limit=str(self.page_size))
             if token:
                 params["continue"] = token
             async with self._get(params, read_timeout) as resp:
@@ -417,6 +417,8 @@ class KubeInventory:
         self.watch_timeout = watch_timeout
         self.rng = rng
         self.stats = SourceStats()
+        self.resource_version: str | None = None
+        """The last version seen (list, event or bookmark); None means the next step is a (re)list."""
         self.synced = asyncio.Event()
         """Set once the first list has been delivered to ``on_change``."""
         self._first: asyncio.Future[None] | None = None
@@ -467,25 +469,17 @@ class KubeInventory:
                 self._first.exception()  # retrieved here, so an unawaited future never warns
 
     async def _run(self) -> None:
-        rv: str | None = None
         failures = 0
         loop = asyncio.get_running_loop()
         while True:
-            listing = rv is None
+            phase = "listing" if self.resource_version is None else "watching"
             try:
-                if rv is None:
-                    items, rv = await self.api.list_nodes()
-                    self.stats.lists += 1
-                    self.stats.resource_version = rv
-                    self.cache.replace_all(items)
-                    log.info("listed %d Kubernetes nodes (%d usable)", len(items), len(self.cache.nodes),
-                             extra={"resource_version": rv})
-                    self._publish_now()
-                    self.synced.set()
-                    self._settle_first(None)
+                if self.resource_version is None:
+                    await self._list()
                     failures = 0
+                phase = "watching"
                 started, seen = loop.time(), self.stats.events
-                rv = await self._watch(rv)
+                await self._watch(self.resource_version)  # type: ignore[arg-type]
                 if self.stats.events == seen and loop.time() - started < 1.0:
                     # Ended at once with nothing in it: do not spin against a server that keeps doing that.
                     failures += 1
@@ -493,20 +487,31 @@ class KubeInventory:
                 else:
                     failures = 0
             except ResourceExpired as exc:
-                if not listing:
-                    log.info("resourceVersion %s expired (%s); relisting", rv, exc.message or exc.reason)
+                if phase == "watching":
+                    log.info("resourceVersion %s expired (%s); relisting", self.resource_version,
+                             exc.message or exc.reason)
                     self.stats.relists_after_gone += 1
-                    rv = None
+                    self.resource_version = None
                     continue
-                failures = await self._failed(exc, failures, "listing")  # an expired continue token: list anew
+                failures = await self._failed(exc, failures, phase)  # an expired continue token: list anew
             except KubeInventoryError as exc:
-                failures = await self._failed(exc, failures, "listing" if listing else "watching")
+                failures = await self._failed(exc, failures, phase)
             except Exception as exc:  # a bug must not end the inventory for good
                 log.exception("Kubernetes inventory loop failed unexpectedly")
-                failures = await self._failed(KubeInventoryError(f"{type(exc).__name__}: {exc}"), failures,
-                                              "listing" if listing else "watching")
+                failures = await self._failed(KubeInventoryError(f"{type(exc).__name__}: {exc}"), failures, phase)
 
-    async def _failed(self, exc: KubeInventoryError, failures: int, what: str) -> int:
+    async def _list(self) -> None:
+        items, rv = await self.api.list_nodes()
+        self.stats.lists += 1
+        self.resource_version = self.stats.resource_version = rv
+        self.cache.replace_all(items)
+        log.info("listed %d Kubernetes nodes (%d usable)", len(items), len(self.cache.nodes),
+                 extra={"resource_version": rv})
+        self._publish_now()
+        self.synced.set()
+        self._settle_first(None)
+
+    async def _failed(self, exc: KubeInventoryError, failures: int, phase: str) -> int:
         """Record an error and sleep the backoff; returns the new count of consecutive failures."""
         failures += 1
         self.stats.errors += 1
@@ -514,12 +519,13 @@ class KubeInventory:
         self._settle_first(exc)
         delay = self.backoff.delay(failures, self.rng())
         level = logging.ERROR if isinstance(exc, KubeAuthError) else logging.WARNING
-        log.log(level, "Kubernetes inventory: %s nodes failed: %s; retrying in %.1fs", what, exc, delay)
+        log.log(level, "Kubernetes inventory: %s nodes failed: %s; retrying in %.1fs", phase, exc, delay)
         await asyncio.sleep(delay)
         return failures
 
-    async def _watch(self, rv: str) -> str:
-        """Watch from ``rv`` until the stream ends; returns the last resourceVersion seen."""
+    async def _watch(self, rv: str) -> None:
+        """Watch from ``rv`` until the stream ends, keeping :attr:`resource_version` at the last version seen (so a
+        broken stream resumes from there)."""
         self.stats.watches += 1
         async with contextlib.aclosing(self.api.watch_nodes(rv, self._timeout_seconds())) as events:
             async for kind, obj in events:
@@ -531,10 +537,8 @@ class KubeInventory:
                 elif kind != "BOOKMARK":
                     log.debug("ignoring watch event of type %s", kind)
                 if new_rv is not None:
-                    rv = new_rv
-                    self.stats.resource_version = rv
-        log.debug("watch ended; re-watching from resourceVersion %s", rv)
-        return rv
+                    self.resource_version = self.stats.resource_version = new_rv
+        log.debug("watch ended; re-watching from resourceVersion %s", self.resource_version)
 
     def _timeout_seconds(self) -> int:
         # Spread re-watches of many gateways over time, as client-go's reflector does.
