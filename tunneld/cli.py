@@ -140,8 +140,10 @@ def status(node: str | None, socket_path: str, output: str, watch: bool, interva
     render.watch(con, view, title, interval, count, live=output != "json")
 
 
-from tunneld.cli_node import ssh as _ssh_group  # noqa: E402  (node-side commands live in their own module)
+from tunneld.cli_node import bootstrap as _bootstrap_command  # noqa: E402  (node-side commands: own module)
+from tunneld.cli_node import ssh as _ssh_group  # noqa: E402
 
+main.add_command(_bootstrap_command)
 main.add_command(_ssh_group)
 
 
