@@ -377,6 +377,8 @@ async def rotate(
     """
     rng = rng or random.SystemRandom()
     outcome = await obtain(opts, progress, now=clock())
+    if not outcome.issued:
+        progress(f"{opts.kubeconfig} already has a valid certificate for system:node:{opts.node_name}")
     renewals = 0
     backoff = retry_initial
     for _ in range(10_000_000):

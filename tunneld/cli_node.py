@@ -2,11 +2,93 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import socket
+import time
 from pathlib import Path
 
 import click
 
 from certs.sshca import DEFAULT_VALIDITY, SSHCA, SSHCAError
+
+
+def _progress(line: str) -> None:
+    click.echo(f"bootstrap: {line}", err=True)
+
+
+@click.command()
+@click.option("--bootstrap-kubeconfig", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Kubeconfig with the bootstrap token (written here when --server/--token/--ca-cert-hash are given).")
+@click.option("--kubeconfig", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The node kubeconfig to write (it references the client certificate in --cert-dir).")
+@click.option("--cert-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where kubelet-client-current.pem (certificate + key, 0600) goes.")
+@click.option("--node-name", default=lambda: socket.gethostname().lower(), show_default="the host name",
+              help="The node's name; the certificate is for system:node:<name>.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds to wait for approval and the certificate.")
+@click.option("--rotate", is_flag=True,
+              help="Keep running; renew at a random point between 70% and 90% of the certificate's lifetime.")
+@click.option("--server", help="API server URL for discovery (https://host:port).")
+@click.option("--token", envvar="TUNNELD_BOOTSTRAP_TOKEN", show_envvar=True,
+              help="Bootstrap token <id>.<secret> for discovery (prefer the environment variable).")
+@click.option("--ca-cert-hash", "pins", multiple=True,
+              help="Pin of the cluster CA: sha256:<hex of its SubjectPublicKeyInfo> (repeatable).")
+@click.option("--expiration-seconds", type=click.IntRange(min=600), help="Ask for this certificate lifetime.")
+@click.option("--poll-interval", default=1.0, hidden=True, type=click.FloatRange(min=0.01))
+def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node_name: str, timeout: float,
+              rotate: bool, server: str | None, token: str | None, pins: tuple[str, ...],
+              expiration_seconds: int | None, poll_interval: float) -> None:
+    """Obtain (and with --rotate, keep renewing) this node's client certificate through the CSR flow.
+
+    Does nothing when KUBECONFIG already holds a valid certificate. Discovery (--server, --token, --ca-cert-hash)
+    fetches cluster-info, checks its signature with the token and the CA against the pin, then writes
+    BOOTSTRAP_KUBECONFIG.
+    """
+    from certs import bootstrap as boot
+    from certs.discovery import DiscoveryError, discover
+    from certs.files import write_secret
+
+    discovery = (server, token, pins)
+    if any(discovery) and not all(discovery):
+        raise click.UsageError("discovery needs all of --server, --token and --ca-cert-hash")
+    opts = boot.Options(bootstrap_kubeconfig, kubeconfig, cert_dir, node_name, timeout, poll_interval,
+                        expiration_seconds)
+
+    async def discover_if_needed() -> None:
+        if not all(discovery):
+            return
+        current = boot.current_certificate(kubeconfig)
+        if current is not None and boot.is_valid(current[0], time.time()):
+            return  # the token is not needed
+        assert server and token
+        info = await discover(server, token, list(pins))
+        write_secret(bootstrap_kubeconfig, info.bootstrap_kubeconfig(token).dumps().encode())
+        _progress(f"discovery: cluster CA verified against the pin; bootstrap kubeconfig written to "
+                  f"{bootstrap_kubeconfig}")
+
+    async def main_() -> None:
+        await discover_if_needed()
+        if not rotate:
+            outcome = await boot.obtain(opts, _progress)
+            if not outcome.issued:
+                _progress(f"{kubeconfig} already has a valid certificate for system:node:{node_name} (until "
+                          f"{outcome.not_after:%Y-%m-%d %H:%M:%S} UTC); nothing to do")
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        renewals = await boot.rotate(opts, _progress, boot.event_sleep(stop))
+        _progress(f"stopping after {renewals} renewal(s)")
+
+    try:
+        asyncio.run(main_())
+    except DiscoveryError as exc:
+        raise click.ClickException(f"discovery refused: {exc}") from exc
+    except boot.BootstrapError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group()
