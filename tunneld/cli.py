@@ -65,14 +65,17 @@ def serve(config: str, grace: float) -> None:
 @click.option("--base-address", default="127.0.1.1", show_default=True, help="Address of the first node.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Where keys and config go.")
 @click.option("--check", is_flag=True, help="Print status and a healthz through every tunnel, then exit.")
+@click.option("--proxy-port", type=click.IntRange(0, 65535),
+              help="Port of the proxy URLs on 127.0.0.1 (default 8001; with --check any free port; 0: any).")
 @click.option("--log-level", default="warning", show_default=True)
-def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool, log_level: str) -> None:
+def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool, proxy_port: int | None,
+        log_level: str) -> None:
     """Start N simulated nodes and a gateway against them (nothing outside this package needed)."""
     from tunneld import lifecycle, logs
     from tunneld.dev import cluster
 
     logs.setup(log_level)
-    code = lifecycle.run(cluster.run(nodes, ssh_port, base_address, workdir, check))
+    code = lifecycle.run(cluster.run(nodes, ssh_port, base_address, workdir, check, proxy_port))
     sys.exit(code)
 
 

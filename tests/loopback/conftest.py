@@ -38,7 +38,7 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 async def cluster(short_dir: Path) -> AsyncIterator[DevCluster]:
-    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev")
+    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0)
     await c.start()
     try:
         yield c

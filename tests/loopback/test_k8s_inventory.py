@@ -373,7 +373,7 @@ def states(gw: Gateway) -> dict[str, str]:
 
 @pytest.fixture
 async def k8s_cluster(short_dir: Path) -> AsyncIterator[DevCluster]:
-    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev")
+    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0)
     await c.start()
     try:
         yield c

@@ -167,7 +167,7 @@ async def test_insecure_skip_warns_on_every_connect(cluster: DevCluster, caplog:
 async def test_concurrent_connects_are_bounded(short_dir: Path) -> None:
     from .conftest import next_base
 
-    cluster = DevCluster(nodes=12, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev")
+    cluster = DevCluster(nodes=12, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0)
     await cluster.start()
     in_flight = peak = 0
 

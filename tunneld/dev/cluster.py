@@ -1,7 +1,12 @@
 """``tunneld dev``: N simulated nodes and a real gateway against them, in one process.
 
-Writes everything (keys, known_hosts, config) to a private work directory so the gateway is configured exactly as a
-real one would be, and ``tunneld status --socket`` works from another terminal.
+Writes everything (keys, known_hosts, CAs, config) to a private work directory so the gateway is configured exactly
+as a real one would be, and ``tunneld status --socket`` works from another terminal. Each node runs two pods
+(``default/web-N`` and ``kube-system/agent-node-N``) whose apps (see :mod:`tunneld.dev.podapps`) are reachable through
+the node's tunnel; the gateway serves proxy URLs on ``127.0.0.1:<proxy_port>`` and HTTP CONNECT on
+``<workdir>/egress.sock``, verifies kubelets against ``kubelet-ca.crt`` and https pod/service targets against
+``pod-ca.crt``, and knows one service, ``default/web`` (ports ``http`` 80 -> 8080, ``https`` 443 -> 8443) whose
+endpoints are the web pods.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import shutil
-import ssl
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,13 +24,22 @@ from tunneld import render
 from tunneld.app import Gateway
 from tunneld.config import load_config
 from tunneld.dev.kubelet import KubeletSim, SimPod
-from tunneld.dev.pki import DevCA, write_private
+from tunneld.dev.pki import DevCA, server_context
 from tunneld.dev.sshnode import SimNode, SSHMaterial
 from tunneld.lifecycle import Signals
 from tunneld.probe import ProbeFailed, http_get
 
 HEALTHZ_PORT = 10248
 KUBELET_PORT = 10250
+DEFAULT_PROXY_PORT = 8001
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a listener configured by port number)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -39,6 +53,31 @@ class DevCluster:
     sim_nodes: list[SimNode] = field(default_factory=list)
     kubelets: list[KubeletSim] = field(default_factory=list)
     config_path: Path | None = None
+    proxy_port: int = DEFAULT_PROXY_PORT
+    """Port of the proxy-URL front on 127.0.0.1; 0 picks a free port (written to the config, and kept here)."""
+
+    @property
+    def egress_socket(self) -> Path:
+        """The HTTP CONNECT front's unix socket."""
+        return self.workdir / "egress.sock"
+
+    @property
+    def proxy_url(self) -> str:
+        """Base URL of the proxy-URL front."""
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def _pods(self, index: int, node: str, pod_ca: DevCA) -> list[SimPod]:
+        pods = [
+            SimPod("default", f"web-{index + 1}", ["nginx"], f"10.244.{index + 1}.10"),
+            SimPod("kube-system", f"agent-{node}", ["agent", "sidecar"], f"10.244.{index + 1}.11"),
+        ]
+        pod_dir = self.workdir / "pods"
+        pod_dir.mkdir(mode=0o700, exist_ok=True)
+        for pod in pods:
+            cert_file, key_file = pod_dir / f"{pod.name}.crt", pod_dir / f"{pod.name}.key"
+            pod_ca.issue_serving(pod.name, [pod.ip, pod.name]).write(cert_file, key_file)
+            pod.pod_tls = server_context(cert_file, key_file)
+        return pods
 
     async def start(self) -> Path:
         """Start the nodes; returns the path of the gateway config written for them."""
@@ -46,27 +85,26 @@ class DevCluster:
         self.workdir.chmod(0o700)
         material = SSHMaterial.generate(self.workdir)
         ca = DevCA()
+        pod_ca = DevCA("tunneld dev pod CA")
         (self.workdir / "kubelet-ca.crt").write_bytes(ca.cert_pem)
+        (self.workdir / "pod-ca.crt").write_bytes(pod_ca.cert_pem)
+        if self.proxy_port == 0:
+            self.proxy_port = free_port()
         first = ipaddress.ip_address(self.base_address)
         node_tables = []
+        web_ips = []
         for i in range(self.nodes):
             name = f"node-{i + 1}"
             address = str(first + i)
-            issued = ca.issue_serving(name, [name, address, "localhost", "127.0.0.1"])
             cert_file, key_file = self.workdir / f"{name}-kubelet.crt", self.workdir / f"{name}-kubelet.key"
-            cert_file.write_bytes(issued.cert_pem)
-            write_private(key_file, issued.key_pem)
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(cert_file, key_file)
+            ca.issue_serving(name, [name, address, "localhost", "127.0.0.1"]).write(cert_file, key_file)
             pod_cidr = f"10.244.{i + 1}.0/24"
-            pods = [
-                SimPod("default", f"web-{i + 1}", ["nginx"], f"10.244.{i + 1}.10"),
-                SimPod("kube-system", f"agent-{name}", ["agent", "sidecar"], f"10.244.{i + 1}.11"),
-            ]
-            kubelet = KubeletSim(name, address, KUBELET_PORT, HEALTHZ_PORT, tls, pods)
+            pods = self._pods(i, name, pod_ca)
+            web_ips.append(pods[0].ip)
+            kubelet = KubeletSim(name, address, KUBELET_PORT, HEALTHZ_PORT, server_context(cert_file, key_file), pods)
             await kubelet.start()
             self.kubelets.append(kubelet)
-            sim = SimNode(name, address, self.ssh_port, material)
+            sim = SimNode(name, address, self.ssh_port, material, resolver=kubelet.resolve)
             await sim.start()
             self.sim_nodes.append(sim)
             node_tables.append(
@@ -75,6 +113,7 @@ class DevCluster:
             )
         pattern = ".".join(self.base_address.split(".")[:3]) + ".*"
         (self.workdir / "known_hosts").write_text(material.known_hosts_line(pattern))
+        endpoints = ", ".join(f'"{ip}"' for ip in web_ips)
         config = (
             "# Written by `tunneld dev`: a gateway configured for the simulated nodes below.\n"
             "[ssh]\n"
@@ -82,6 +121,13 @@ class DevCluster:
             "keepalive_interval = 5\nkeepalive_count_max = 3\nbackoff_initial = 0.5\nbackoff_max = 10\n\n"
             "[health]\nperiod = 2\ntimeout = 2\n\n"
             f'[status]\nsocket = "{self.workdir / "tunneld.sock"}"\n\n'
+            '[kubelet]\ncertificate_authority = "kubelet-ca.crt"\n\n'
+            f'[egress]\nsocket = "{self.egress_socket}"\n\n'
+            f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\ntarget_certificate_authority = "pod-ca.crt"\n\n'
+            '[[services]]\nnamespace = "default"\nname = "web"\n'
+            f"endpoints = [{endpoints}]\n"
+            'ports = [\n  {name = "http", port = 80, target_port = 8080},\n'
+            '  {name = "https", port = 443, target_port = 8443},\n]\n\n'
             + "\n".join(node_tables)
         )
         self.config_path = self.workdir / "tunneld.toml"
@@ -118,16 +164,43 @@ async def healthz_through_tunnels(gateway: Gateway) -> dict[str, str]:
     return results
 
 
-async def run(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool) -> int:
-    """Run the dev cluster; with ``check``, exit after printing (0 when every node is up and answers ``ok``)."""
-    cluster = DevCluster(nodes=nodes, base_address=base_address, ssh_port=ssh_port)
+def examples(cluster: DevCluster) -> list[str]:
+    """Commands to try against a running dev cluster (each goes through a node's SSH tunnel)."""
+    base = cluster.proxy_url
+    pod = cluster.kubelets[0].pods[0]
+    return [
+        f"curl {base}/api/v1/nodes/{cluster.kubelets[0].node}/proxy/healthz",
+        f"curl -N '{base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/log?follow=true&tailLines=3'",
+        f"curl {base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/proxy/hello",
+        f"curl {base}/api/v1/namespaces/default/services/web:http/proxy/hello",
+        f"curl '{base}/api/v1/namespaces/default/services/https:web:443/proxy/big?bytes=1000000' | wc -c",
+        # curl cannot talk to an HTTP proxy over a unix socket: send the CONNECT itself; its "body" is the request
+        # that travels through the tunnel, and the pod's answer comes back as the CONNECT response's body.
+        f"curl --unix-socket {cluster.egress_socket} -X CONNECT --request-target {pod.ip}:8080 "
+        f"--data-binary $'GET /via-connect HTTP/1.0\\r\\n\\r\\n' http://localhost/",
+    ]
+
+
+async def run(
+    nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool, proxy_port: int | None = None,
+) -> int:
+    """Run the dev cluster; with ``check``, exit after printing (0 when every node is up and answers ``ok``).
+
+    ``proxy_port`` defaults to 8001, or to any free port with ``check`` (so a check never collides with a running
+    dev cluster).
+    """
+    if proxy_port is None:
+        proxy_port = 0 if check else DEFAULT_PROXY_PORT
+    cluster = DevCluster(nodes=nodes, base_address=base_address, ssh_port=ssh_port, proxy_port=proxy_port)
     temporary = workdir is None
     if workdir is not None:
         cluster.workdir = workdir
-    config_path = await cluster.start()
-    gateway = Gateway(load_config(config_path))
-    await gateway.start()
+    gateway: Gateway | None = None
     try:
+        config_path = await cluster.start()
+        started = Gateway(load_config(config_path))
+        await started.start()
+        gateway = started
         all_up = await wait_all_up(gateway, timeout=30 + nodes * 0.05)
         print(render.table(gateway.pool.snapshot()), flush=True)
         results = await healthz_through_tunnels(gateway)
@@ -140,13 +213,19 @@ async def run(nodes: int, ssh_port: int, base_address: str, workdir: Path | None
         print(f"Status:  tunneld status --socket {gateway.config.status.socket}")
         if check:
             return 0 if ok else 1
+        print()
+        print("Try (proxy URLs, a service over verified pod TLS, and HTTP CONNECT on the egress socket):")
+        for command in examples(cluster):
+            print(f"  {command}")
+        print()
         print("Ctrl-C to stop.", flush=True)
         signals = Signals(gateway.reload)
         await signals.stop.wait()
         signals.close()
         return 0
     finally:
-        await gateway.stop(grace=2.0)
+        if gateway is not None:
+            await gateway.stop(grace=2.0)
         await cluster.stop()
         if temporary:
             shutil.rmtree(cluster.workdir, ignore_errors=True)

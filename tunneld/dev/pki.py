@@ -1,10 +1,11 @@
-"""Throwaway X.509 material for the dev cluster's simulated kubelets (a CA and serving certificates)."""
+"""Throwaway X.509 material for the dev cluster (CAs and serving certificates for kubelets and pods)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 @dataclass(frozen=True)
 class Issued:
+    """A certificate and its private key, PEM."""
+
     cert_pem: bytes
     key_pem: bytes
+
+    def write(self, cert_file: Path, key_file: Path) -> None:
+        """Write the certificate, and the key 0600."""
+        cert_file.write_bytes(self.cert_pem)
+        write_private(key_file, self.key_pem)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -93,3 +101,10 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+
+
+def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A TLS server context serving ``cert_file`` with ``key_file``."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx

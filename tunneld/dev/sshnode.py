@@ -3,11 +3,14 @@
 It accepts the gateway's key, presents a host key signed by the dev SSH CA, and answers ``direct-tcpip`` requests the
 way a node's sshd would, except that the node's "loopback" (127.0.0.1, ::1, localhost, and its own name and
 address) is mapped onto the simulated kubelet's address, because all simulated nodes share this host's loopback.
-Everything else is refused: a simulated node reaches nothing beyond itself.
+Pod destinations (pod IP, pod port) go where the node's ``resolver`` says the pod's app really listens (see
+:meth:`tunneld.dev.kubelet.KubeletSim.resolve`). Everything else is refused: a simulated node reaches nothing beyond
+itself and its pods.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,9 @@ import asyncssh
 from tunneld.dev.pki import write_private
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "::1", "localhost"})
+
+Resolver = Callable[[str, int], tuple[str, int] | None]
+"""(pod IP, pod port) -> where that pod's app really listens, or None."""
 
 
 @dataclass
@@ -76,7 +82,14 @@ class _NodeServer(asyncssh.SSHServer):
         if dest_host.lower() in LOOPBACK_NAMES or dest_host in (node.name, node.address):
             assert self._conn is not None
             return self._conn.forward_connection(node.address, dest_port)
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"{dest_host} is not reachable from {node.name}")
+        target = node.resolver(dest_host, dest_port) if node.resolver is not None else None
+        if target is not None:
+            assert self._conn is not None
+            return self._conn.forward_connection(*target)
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_CONNECT_FAILED,
+            f"{dest_host}:{dest_port} is not reachable from {node.name} (not the node itself nor a served pod port)",
+        )
 
 
 @dataclass
@@ -87,6 +100,8 @@ class SimNode:
     address: str
     port: int
     material: SSHMaterial
+    resolver: Resolver | None = None
+    """Where pod destinations go (usually the node's :meth:`~tunneld.dev.kubelet.KubeletSim.resolve`)."""
     connections: int = 0
     """SSH connections accepted (TCP + version exchange)."""
     logins: int = 0
