@@ -108,7 +108,7 @@ class Store(Protocol):
         ...
 
 
-async def update_csr(store: Store, name: str, mutate: Callable[[CSR], None], attempts: int = 20) -> CSR:
+async def update_csr(store: Store, name: str, mutate: Callable[[CSR], object], attempts: int = 20) -> CSR:
     """Read ``name``, apply ``mutate`` (which may raise to abort), write back; retry on :class:`Conflict`."""
     for _ in range(attempts):
         csr = await store.get_csr(name)

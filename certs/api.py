@@ -1,0 +1,219 @@
+"""The HTTP API (aiohttp): ``certificates.k8s.io/v1`` CertificateSigningRequests and ``kube-public/cluster-info``.
+
+Routes (the JSON shapes are Kubernetes')::
+
+    GET  /api/v1/namespaces/kube-public/configmaps/cluster-info            unauthenticated (on the TLS listener)
+    POST /apis/certificates.k8s.io/v1/certificatesigningrequests           create (201)
+    GET  /apis/certificates.k8s.io/v1/certificatesigningrequests           list (admins: all; others: their own)
+    GET  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}    get
+    PUT  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/approval   approve/deny (admins)
+
+Who is calling is decided by an ``Authenticate`` function: on the TLS listener a bearer token (static or bootstrap)
+or a client certificate verified by TLS against the cluster CA (:func:`tls_authenticator`); on the daemon's local
+unix socket the peer's uid from ``SO_PEERCRED`` (:func:`local_authenticator`), for ``tunneld csr``. Errors are
+``metav1.Status`` objects with the matching HTTP code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+
+from certs.csr import ConditionConflict, CSRInvalid
+from certs.service import CertService, Forbidden
+from certs.store import AlreadyExists, Conflict, NotFound, StoreError
+from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
+
+log = logging.getLogger("certs.api")
+
+CSR_PATH = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
+CLUSTER_INFO_PATH = "/api/v1/namespaces/kube-public/configmaps/cluster-info"
+MAX_BODY = 1024 * 1024
+
+Authenticate = Callable[[web.Request], Awaitable[Identity | None]]
+
+
+class Unauthorized(Exception):
+    """No valid credentials (HTTP 401)."""
+
+
+def status(code: int, reason: str, message: str) -> web.Response:
+    """A ``metav1.Status`` failure response."""
+    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+    return web.json_response(body, status=code)
+
+
+def tls_authenticator(service: CertService) -> Authenticate:
+    """Bearer token when an Authorization header is sent (it must then be valid), else the client certificate."""
+
+    async def authenticate(request: web.Request) -> Identity | None:
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return None
+            return await service.authenticator.authenticate(token.strip())
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der:
+            return identity_from_certificate(x509.load_der_x509_certificate(der))
+        return None
+
+    return authenticate
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The uid of the process on the other end of a unix socket connection (``SO_PEERCRED``), else None."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def local_authenticator(admin_uids: Iterable[int] | None = None) -> Authenticate:
+    """Callers on the local unix socket are administrators when their uid is root or the daemon's own (or one of
+    ``admin_uids``); the audit names them ``uid=N``. Anything not on a unix socket is refused."""
+    allowed = set(admin_uids) if admin_uids is not None else {0, os.geteuid()}
+
+    async def authenticate(request: web.Request) -> Identity | None:
+        uid = peer_uid(request)
+        if uid is None:
+            return None
+        if uid not in allowed:
+            raise Forbidden(f"uid={uid} may not manage certificate signing requests (root or the daemon's user)")
+        return Identity(f"uid={uid}", str(uid), (ADMIN_GROUP,), method="local")
+
+    return authenticate
+
+
+def make_app(service: CertService, authenticate: Authenticate, server_url: str | None = None) -> web.Application:
+    """The API application. ``server_url`` (the URL nodes reach this API at) enables ``cluster-info``."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Unauthorized as exc:
+            return status(401, "Unauthorized", str(exc) or "Unauthorized")
+        except Forbidden as exc:
+            return status(403, "Forbidden", str(exc))
+        except NotFound as exc:
+            return status(404, "NotFound", str(exc))
+        except AlreadyExists as exc:
+            return status(409, "AlreadyExists", str(exc))
+        except (ConditionConflict, Conflict) as exc:
+            return status(409, "Conflict", str(exc))
+        except CSRInvalid as exc:
+            return status(422, "Invalid", str(exc))
+        except StoreError as exc:
+            log.error("store error: %s", exc)
+            return status(503, "ServiceUnavailable", "the certificate store is unavailable")
+        except web.HTTPRequestEntityTooLarge:
+            return status(413, "RequestEntityTooLarge", f"request body larger than {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return status(exc.status, exc.reason.replace(" ", ""), exc.reason)
+            raise
+
+    async def caller(request: web.Request) -> Identity:
+        ident = await authenticate(request)
+        if ident is None:
+            raise Unauthorized("Unauthorized: a valid bearer token or client certificate is required")
+        return ident
+
+    async def body(request: web.Request) -> Any:
+        try:
+            return json.loads(await request.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise web.HTTPBadRequest(reason="Bad Request") from exc
+
+    async def create(request: web.Request) -> web.Response:
+        who = await caller(request)
+        try:
+            data = await body(request)
+        except web.HTTPBadRequest:
+            return status(400, "BadRequest", "the body is not valid JSON")
+        csr = await service.create(who, data)
+        return web.json_response(csr.to_dict(), status=201)
+
+    async def list_(request: web.Request) -> web.Response:
+        who = await caller(request)
+        items = [c.to_dict() for c in await service.list(who)]
+        return web.json_response({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                                  "metadata": {}, "items": items})
+
+    async def get(request: web.Request) -> web.Response:
+        who = await caller(request)
+        return web.json_response((await service.get(who, request.match_info["name"])).to_dict())
+
+    async def approval(request: web.Request) -> web.Response:
+        who = await caller(request)
+        try:
+            data = await body(request)
+        except web.HTTPBadRequest:
+            return status(400, "BadRequest", "the body is not valid JSON")
+        csr = await service.approval_from_body(who, request.match_info["name"], data)
+        return web.json_response(csr.to_dict())
+
+    async def cluster_info(request: web.Request) -> web.Response:
+        assert server_url is not None
+        return web.json_response(await service.cluster_info(server_url))
+
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    routes = [
+        web.post(CSR_PATH, create),
+        web.get(CSR_PATH, list_),
+        web.get(CSR_PATH + "/{name}", get),
+        web.put(CSR_PATH + "/{name}/approval", approval),
+    ]
+    if server_url is not None:
+        routes.append(web.get(CLUSTER_INFO_PATH, cluster_info))
+    app.add_routes(routes)
+    return app
+
+
+def api_tls_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
+    """The API listener's TLS: our server certificate; client certificates optional, verified against the CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cafile=ca_file)
+    return ctx
+
+
+class APIServer:
+    """Runs an API application on one TCP listener (TLS)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
+        """Bind and serve; :attr:`port` holds the bound port (useful with port 0)."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=context)
+        await site.start()
+        server = site._server
+        if server is not None and getattr(server, "sockets", None):
+            self.port = server.sockets[0].getsockname()[1]
+        log.info("certificates API listening", extra={"host": host, "port": self.port, "tls": context is not None})
+
+    async def stop(self) -> None:
+        """Close the listener and open connections."""
+        await self._runner.cleanup()

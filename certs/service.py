@@ -1,0 +1,262 @@
+"""The CSR service: what the HTTP API and the daemon call. Ties the store, the CA, the signer rules and the policy.
+
+Life of a CSR here:
+
+1. ``create``: the body becomes a CSR whose identity fields come from the caller; the signer's rules are checked at
+   once (breaking them -> ``Failed``), then the approval policy decides (``Approved`` / ``Denied`` / left pending).
+2. ``decide``: an administrator adds ``Approved`` or ``Denied`` (condition rules enforced, compare-and-swap write).
+3. the signer loop (``run_signer``) finds approved CSRs without a certificate, issues them (or marks them
+   ``Failed``) and writes the certificate; it also wakes at once after a local approval, and polls so that
+   approvals made through another master sharing the store are signed too.
+
+Every step appends an audit record (who, when, why); the conditions carry the same reason and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cryptography import x509
+
+from certs import jws
+from certs.approval import APPROVE, DENY, Context, Policy
+from certs.ca import CertificateAuthority
+from certs.csr import APPROVED, CONDITION_TYPES, CSR, DENIED, FAILED, ConditionConflict, CSRInvalid, from_request_body
+from certs.kubeconfig import cluster_only
+from certs.signers import DEFAULT_LIFETIME, KUBELET_CLIENT, NodeInventory, SignerRuleError, check, sign
+from certs.store import AuditRecord, NotFound, Store, update_csr
+from certs.tokens import Authenticator, Identity, StaticToken
+
+log = logging.getLogger("certs.service")
+
+STATES = ("Pending", "Approved", "Issued", "Denied", "Failed")
+
+
+class Forbidden(PermissionError):
+    """The caller may not do this (HTTP 403)."""
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class CertService:
+    """CSR operations on behalf of authenticated callers, plus the signer loop."""
+
+    def __init__(
+        self,
+        store: Store,
+        ca: CertificateAuthority,
+        policy: Policy,
+        inventory: NodeInventory | None = None,
+        static_tokens: Iterable[StaticToken] = (),
+        max_lifetime: dt.timedelta = DEFAULT_LIFETIME,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.store = store
+        self.ca = ca
+        self.policy = policy
+        self.inventory = inventory or NodeInventory()
+        self.max_lifetime = max_lifetime
+        self.clock = clock
+        self.authenticator = Authenticator(static_tokens, store.get_token, clock)
+        self.counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        """CSRs by state, refreshed by every signer pass (for metrics)."""
+        self._wake = asyncio.Event()
+        self._create_lock = asyncio.Lock()
+
+    def set_inventory(self, inventory: NodeInventory) -> None:
+        """Replace the inventory (the daemon calls this on reload)."""
+        self.inventory = inventory
+
+    async def _audit(self, csr: str, action: str, actor: str, reason: str = "", message: str = "") -> None:
+        await self.store.append_audit(AuditRecord.now(csr, action, actor, reason, message, self.clock()))
+        log.info("csr %s", action, extra={"csr": csr, "actor": actor, "reason": reason})
+
+    async def _context(self) -> Context:
+        now = self.clock()
+        have: set[str] = set()
+        for other in await self.store.list_csrs():
+            if other.signer_name != KUBELET_CLIENT or other.state not in ("Approved", "Issued"):
+                continue
+            node = _node_of(other)
+            if node is None:
+                continue
+            if other.certificate is None:
+                have.add(node)  # approved, about to be issued: counts as having one
+                continue
+            try:
+                cert = x509.load_pem_x509_certificate(other.certificate)
+            except ValueError:
+                continue
+            if cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+                have.add(node)
+        return Context(self.inventory, frozenset(have))
+
+    async def create(self, caller: Identity, body: Any) -> CSR:
+        """Create a CSR from a POST body; decide it per the signer's rules and the policy."""
+        now = self.clock()
+        csr = from_request_body(body, caller, now)
+        async with self._create_lock:  # one decision at a time, so "no valid cert yet" stays true when decided
+            try:
+                req = check(csr, self.inventory)
+            except SignerRuleError as exc:
+                csr.add_condition(FAILED, "SignerValidationFailure", str(exc), now)
+                decision = None
+            else:
+                decision = self.policy.decide(csr, req, await self._context())
+                actor = f"policy:{self.policy.name}"
+                if decision.outcome == APPROVE:
+                    csr.add_condition(APPROVED, decision.reason, f"{decision.message} (by {actor})", now)
+                elif decision.outcome == DENY:
+                    csr.add_condition(DENIED, decision.reason, f"{decision.message} (by {actor})", now)
+            await self.store.create_csr(csr)
+        await self._audit(csr.name, "created", caller.user, "", f"signer {csr.signer_name} via {caller.method}")
+        if decision is None:
+            failed = csr.condition(FAILED)
+            assert failed is not None
+            await self._audit(csr.name, "failed", "signer", failed.reason, failed.message)
+        else:
+            action = {APPROVE: "approved", DENY: "denied"}.get(decision.outcome, "queued")
+            await self._audit(csr.name, action, f"policy:{self.policy.name}", decision.reason, decision.message)
+        if csr.state == APPROVED:
+            self._wake.set()
+        return csr
+
+    def _visible(self, caller: Identity, csr: CSR) -> bool:
+        return caller.is_admin or csr.username == caller.user
+
+    async def list(self, caller: Identity) -> list[CSR]:
+        """Every CSR for administrators; a caller's own CSRs otherwise."""
+        return [c for c in await self.store.list_csrs() if self._visible(caller, c)]
+
+    async def get(self, caller: Identity, name: str) -> CSR:
+        """One CSR; raises :class:`~certs.store.NotFound` also when the caller may not see it."""
+        csr = await self.store.get_csr(name)
+        if not self._visible(caller, csr):
+            raise NotFound(f"certificatesigningrequests {name!r} not found")
+        return csr
+
+    async def decide(self, caller: Identity, name: str, kind: str, reason: str = "", message: str = "") -> CSR:
+        """An administrator approves or denies ``name``. Raises Forbidden, NotFound or ConditionConflict."""
+        if not caller.is_admin:
+            raise Forbidden(f"{caller.user} may not approve or deny certificate signing requests")
+        if kind not in (APPROVED, DENIED):
+            raise CSRInvalid(f"status.conditions: only Approved or Denied may be added, not {kind!r}")
+        verb = "approved" if kind == APPROVED else "denied"
+        reason = reason or ("AdminApproved" if kind == APPROVED else "AdminDenied")
+        message = message or f"{verb} by {caller.user}"
+        if caller.user not in message:
+            message = f"{message} (by {caller.user})"
+        now = self.clock()
+        csr = await update_csr(self.store, name, lambda c: c.add_condition(kind, reason, message, now))
+        await self._audit(name, verb, caller.user, reason, message)
+        if kind == APPROVED:
+            self._wake.set()
+        return csr
+
+    async def approval_from_body(self, caller: Identity, name: str, body: Any) -> CSR:
+        """``PUT .../{name}/approval``: the body is the object with one new Approved or Denied condition."""
+        if not caller.is_admin:
+            raise Forbidden(f"{caller.user} may not approve or deny certificate signing requests")
+        if not isinstance(body, dict) or (body.get("metadata") or {}).get("name", name) != name:
+            raise CSRInvalid("metadata.name: must match the name in the URL")
+        conds = (body.get("status") or {}).get("conditions") or []
+        if not isinstance(conds, list) or not all(isinstance(c, dict) for c in conds):
+            raise CSRInvalid("status.conditions: expected a list of conditions")
+        current = await self.store.get_csr(name)
+        have = {c.type for c in current.conditions}
+        sent = [str(c.get("type", "")) for c in conds]
+        removed = have - set(sent)
+        if removed:
+            raise ConditionConflict(f"conditions may not be removed ({', '.join(sorted(removed))})")
+        new = [c for c in conds if c.get("type") not in have]
+        if len(new) != 1 or new[0].get("type") not in (APPROVED, DENIED):
+            raise CSRInvalid("status.conditions: add exactly one Approved or Denied condition")
+        if str(new[0].get("status", "True")) != "True":
+            raise CSRInvalid("status.conditions: status must be \"True\"")
+        unknown = [t for t in sent if t not in CONDITION_TYPES]
+        if unknown:
+            raise CSRInvalid(f"status.conditions: unknown type {unknown[0]!r}")
+        return await self.decide(caller, name, str(new[0]["type"]), str(new[0].get("reason") or ""),
+                                 str(new[0].get("message") or ""))
+
+    async def sign_ready(self) -> int:
+        """Issue certificates for approved CSRs that have none yet; returns how many were issued or failed."""
+        done = 0
+        csrs = await self.store.list_csrs()
+        for csr in csrs:
+            if csr.state != APPROVED:
+                continue
+            now = self.clock()
+            try:
+                pem = sign(self.ca, csr, self.inventory, now, self.max_lifetime)
+            except SignerRuleError as exc:
+                why = str(exc)
+                try:
+                    await update_csr(self.store, csr.name, _add(FAILED, "SignerValidationFailure", why, now))
+                except ConditionConflict:
+                    continue
+                await self._audit(csr.name, "failed", "signer", "SignerValidationFailure", why)
+            else:
+                try:
+                    await update_csr(self.store, csr.name, lambda c, pem=pem: c.set_certificate(pem))
+                except ConditionConflict:
+                    continue  # another master issued it first
+                serial = x509.load_pem_x509_certificate(pem).serial_number
+                await self._audit(csr.name, "issued", "signer", "Issued", f"serial {serial:x}")
+            done += 1
+        self.counts = _count(await self.store.list_csrs() if done else csrs)
+        return done
+
+    async def run_signer(self, interval: float = 2.0) -> None:
+        """Sign approved CSRs whenever woken (local approval) and every ``interval`` seconds; runs until cancelled."""
+        while True:
+            try:
+                await self.sign_ready()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("signer pass failed; retrying")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                pass
+
+    async def cluster_info(self, server: str) -> dict[str, Any]:
+        """The ``kube-public/cluster-info`` ConfigMap: the kubeconfig and one JWS per valid signing token."""
+        kubeconfig = cluster_only(server, self.ca.pem).dumps()
+        data = {"kubeconfig": kubeconfig}
+        now = self.clock()
+        for token in await self.store.list_tokens():
+            if "signing" in token.usages and not token.expired(now):
+                data[f"jws-kubeconfig-{token.token_id}"] = jws.sign_detached(kubeconfig.encode(), token.token_id,
+                                                                            token.secret)
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "cluster-info", "namespace": "kube-public"}, "data": data}
+
+
+def _add(kind: str, reason: str, message: str, now: dt.datetime) -> Callable[[CSR], object]:
+    return lambda c: c.add_condition(kind, reason, message, now)
+
+
+def _node_of(csr: CSR) -> str | None:
+    try:
+        cns = csr.parsed().subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    cn = str(cns[0].value) if cns else ""
+    return cn.removeprefix("system:node:") if cn.startswith("system:node:") else None
+
+
+def _count(csrs: Iterable[CSR]) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    counts.update(Counter(c.state for c in csrs))
+    return counts
+
