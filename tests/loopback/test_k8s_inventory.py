@@ -305,8 +305,8 @@ async def test_api_server_down_at_start_is_retried(short_dir: Path) -> None:
     try:
         assert not src.synced.is_set() and src.stats.errors >= 1 and "ConnectError" in (src.stats.last_error or "")
         errors = src.stats.errors
-        await asyncio.sleep(0.3)
-        assert 1 <= src.stats.errors - errors <= 10, "retries keep going, spaced by the capped backoff"
+        await asyncio.sleep(0.5)
+        assert 1 <= src.stats.errors - errors <= 25, "retries keep going, spaced by the capped backoff (0.1 s)"
         # The API server comes back on the same address: the inventory syncs without a restart.
         again = FakeKubeAPI(short_dir / "k8s", token=kapi.token)
         await again.start(port=port)
