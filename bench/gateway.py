@@ -114,7 +114,9 @@ class GatewayProcess:
         """Start and wait until the status API answers."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-        self.proc = procs.spawn([sys.executable, "-m", "tunneld", "serve", "--config", str(self.config),
+        profile = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, stats there
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
+        self.proc = procs.spawn([sys.executable, *prefix, "-m", "tunneld", "serve", "--config", str(self.config),
                                  "--grace", "1"], log=self.workdir / "gateway.log", env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

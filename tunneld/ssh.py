@@ -33,6 +33,12 @@ log = logging.getLogger("tunneld.ssh")
 # can make the node's sshd buffer for us.
 CHANNEL_WINDOW = 4 * 1024 * 1024
 READ_SIZE = 256 * 1024
+# Cipher preference: asyncssh's own list starts with chacha20-poly1305, which it computes in several calls per packet;
+# AES-GCM is one call into OpenSSL (AES-NI) per packet. Same set of ciphers, AES-GCM first (measured: bench/).
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+ENCRYPTION_ALGS = [*PREFERRED_CIPHERS, *(
+    alg.decode() for alg in asyncssh.encryption.get_default_encryption_algs() if alg.decode() not in PREFERRED_CIPHERS
+)]
 # RFC 4254 section 5.1 reason codes: OpenSSH's description is often just "open failed", the code says why.
 _OPEN_FAILURES = {
     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited (sshd forbids forwarding there)",
@@ -130,6 +136,7 @@ async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None
             login_timeout=ssh.connect_timeout,
             keepalive_interval=ssh.keepalive_interval,
             keepalive_count_max=ssh.keepalive_count_max,
+            encryption_algs=ENCRYPTION_ALGS,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         raise HostKeyRejected(f"host key of {node.address}:{node.ssh_port} not trusted: {exc.reason}") from exc
