@@ -11,8 +11,8 @@ HTTP app, any method:
 * ``GET /redirect`` -> ``302`` with ``Location: /target``;
 * ``GET /big?bytes=N`` -> N bytes of :func:`pattern` with ``Content-Length`` (N up to 1 GiB);
 * anything else -> JSON ``{"pod", "namespace", "node", "method", "path", "query", "headers"}``: ``path`` is the raw
-  request target as received (with its query), ``query`` the raw query string, ``headers`` a dict with lower-case
-  names (repeated headers joined with ``", "``).
+  request target as received (with its query), ``query`` the raw (still encoded) query string, ``headers`` a dict
+  with lower-case names (repeated headers joined with ``", "``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def make_app(pod: PodIdentity) -> web.Application:
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         return web.json_response({
             "pod": pod.name, "namespace": pod.namespace, "node": pod.node, "method": request.method,
-            "path": request.raw_path, "query": request.query_string, "headers": headers,
+            "path": request.raw_path, "query": request.raw_path.partition("?")[2], "headers": headers,
         })
 
     async def echo(request: web.Request) -> web.StreamResponse:
