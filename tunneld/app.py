@@ -118,6 +118,7 @@ class Gateway:
             "kubelet_tls": "verified" if self.kubelet_tls_verified else "unverified",
             "egress_connections": self.egress.connections,
             "proxy_connections": self.proxy.connections,
+            "inventory": self.kube.snapshot() if self.kube is not None else {"source": "file"},
         }
 
     async def start(self) -> None:

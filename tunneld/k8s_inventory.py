@@ -43,7 +43,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,7 +339,7 @@ class KubeAPI:
         raise KubeProtocolError(f"{self.server}: the NodeList never ends")
 
     async def watch_nodes(self, resource_version: str, timeout_seconds: int) \
-            -> AsyncIterator[tuple[str, dict[str, Any]]]:
+            -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """Events after ``resource_version`` until the server ends the stream. ERROR events are raised as
         :class:`KubeAPIError` (:class:`ResourceExpired` for 410); BOOKMARKs are yielded like other events."""
         params = self._params(watch="true", resourceVersion=resource_version, allowWatchBookmarks="true",
@@ -459,6 +459,22 @@ class KubeInventory:
 
     def nodes(self) -> list[Node]:
         return self.cache.inventory()
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready view for the status API (no credentials in it)."""
+        return {
+            "source": "kubernetes",
+            "server": self.api.server,
+            "synced": self.synced.is_set(),
+            "nodes": len(self.cache.nodes),
+            "skipped": dict(sorted(self.cache.skipped.items())),
+            "resource_version": self.resource_version,
+            "lists": self.stats.lists,
+            "relists_after_gone": self.stats.relists_after_gone,
+            "watches": self.stats.watches,
+            "errors": self.stats.errors,
+            "last_error": self.stats.last_error,
+        }
 
     def _settle_first(self, error: BaseException | None) -> None:
         if self._first is not None and not self._first.done():

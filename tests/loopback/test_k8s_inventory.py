@@ -410,6 +410,9 @@ async def test_gateway_follows_the_api_with_real_tunnels(k8s_cluster: DevCluster
         await wait_for(lambda: cluster.sim_nodes[2].active == 0, what="node-3's SSH connection closed")
         assert gw.pool.tunnels["node-1"] is t1 and t1.machine.connects == 1
         assert "node-3" not in gw.directory.nodes
+        inv = gw.info()["inventory"]
+        assert inv["source"] == "kubernetes" and inv["synced"] and inv["nodes"] == 2 and inv["lists"] == 1
+        assert kapi.token not in str(inv)
     finally:
         await gw.stop()
     assert gw.kube is None
