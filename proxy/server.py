@@ -65,6 +65,8 @@ class Exchange:
         self.limits = limits
         self.peer = peer
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._received = 0  # bytes fed to h11 since the current request head was awaited
+        self._cycles = 0
 
     async def _next(self, timeout: float) -> Any:
         async with asyncio.timeout(timeout):
@@ -76,11 +78,14 @@ class Exchange:
                     data = await self.reader.read(READ)
                 except (ConnectionError, OSError) as exc:
                     raise ClientGone(str(exc)) from exc
+                self._received += len(data)
                 self.conn.receive_data(data)
 
     async def request(self) -> h11.Request | None:
         """The next request head, or None when the client is done. Errors are answered here."""
-        first = self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+        first = self._cycles == 0
+        buffered = len(self.conn.trailing_data[0])
+        self._received = 0
         try:
             # The first head must arrive within header_timeout; a kept-alive connection may idle longer first.
             event = await self._next(self.limits.header_timeout if first else self.limits.idle_timeout)
@@ -94,6 +99,13 @@ class Exchange:
         except ClientGone:
             return None
         if isinstance(event, h11.Request):
+            # h11 bounds only a head that is still incomplete; one that arrived whole in a read is measured here.
+            if buffered + self._received - len(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
+                await self.error(431, "request header fields too large")
+                return None
+            if event.http_version not in (b"1.0", b"1.1"):
+                await self.error(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported")
+                return None
             return event
         return None  # ConnectionClosed, or anything unexpected: done
 
@@ -151,7 +163,9 @@ class Exchange:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
     def next_cycle(self) -> None:
+        """Get ready for the next request on a kept-alive connection (it may idle up to ``idle_timeout`` first)."""
         self.conn.start_next_cycle()
+        self._cycles += 1
 
     def abort(self) -> None:
         """Drop the connection without a clean end (the client must not take a truncated body for a whole one)."""
