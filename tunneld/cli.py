@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from tunneld import __version__, render
-from tunneld.config import Config, load_config
+from tunneld.config import Config, load_checked
 from tunneld.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
@@ -27,7 +27,7 @@ def main() -> None:
 
 def _load(path: str) -> Config:
     try:
-        return load_config(path)
+        return load_checked(path)
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)
@@ -47,10 +47,10 @@ def check_config(config: str) -> None:
 @click.option("--grace", default=10.0, show_default=True, help="Seconds open streams may take to finish on SIGTERM.")
 def serve(config: str, grace: float) -> None:
     """Run the gateway daemon."""
+    cfg = _load(config)  # before the heavy imports: a bad file is refused at once
     from tunneld import lifecycle, logs
     from tunneld.app import Gateway
 
-    cfg = _load(config)
     logs.setup(cfg.log_level, cfg.log_format)
 
     async def main_() -> None:

@@ -353,7 +353,8 @@ def _valid_host(value: str) -> bool:
         ipaddress.ip_address(value)
         return True
     except ValueError:
-        return bool(_HOST_RE.match(value))
+        # "10.0.0.256" is a mistyped address, not a host name (a top-level domain is never all digits).
+        return bool(_HOST_RE.match(value)) and not value.rsplit(".", 1)[-1].isdigit()
 
 
 def _normalize_host(value: str) -> str:
@@ -532,6 +533,60 @@ def _inventory_source(inv: _Section) -> tuple[str, KubernetesInventorySettings |
         inv.problem("label_selector", "must be a non-empty label selector such as \"node-role/worker=true\"")
         selector = None
     return source, KubernetesInventorySettings(kubeconfig=kubeconfig, label_selector=selector, ssh_port=ssh_port)
+
+
+def check_files(config: Config) -> list[str]:
+    """Problems with the files ``config`` names (missing, a directory, unreadable), as ``FILE: KEY: path: why``.
+
+    Kept apart from :func:`load_config` so a config can be built in tests without the files; ``check-config``,
+    ``serve`` and reload use :func:`load_checked`.
+    """
+    named: list[tuple[str, Path | None]] = [
+        ("ssh.private_key", config.ssh.private_key),
+        ("ssh.certificate", config.ssh.certificate),
+        ("ssh.known_hosts", None if config.ssh.insecure_skip_host_key_check else config.ssh.known_hosts),
+        ("kubelet.certificate_authority", config.kubelet.certificate_authority),
+        ("kubelet.client_certificate", config.kubelet.client_certificate),
+        ("kubelet.client_key", config.kubelet.client_key),
+        ("proxy.target_certificate_authority", config.proxy.target_certificate_authority),
+    ]
+    for section, tls in (("egress", config.egress.tls), ("proxy", config.proxy.tls)):
+        if tls is not None:
+            named += [(f"{section}.tls_cert", tls.cert), (f"{section}.tls_key", tls.key),
+                      (f"{section}.client_ca", tls.client_ca)]
+    for node in config.nodes:
+        named += [(f"nodes ({node.name}).known_hosts", node.known_hosts),
+                  (f"nodes ({node.name}).host_key", node.host_key)]
+    problems = []
+    for key, path in named:
+        if path is None:
+            continue
+        why = _unusable(path)
+        if why:
+            problems.append(f"{config.path}: {key}: {path}: {why}")
+    return problems
+
+
+def _unusable(path: Path) -> str | None:
+    try:
+        if path.is_dir():
+            return "is a directory, not a file"
+        if not path.exists():
+            return "file not found"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.R_OK):
+        return "not readable by this user"
+    return None
+
+
+def load_checked(path: str | Path) -> Config:
+    """:func:`load_config` plus :func:`check_files`: what ``check-config``, ``serve`` and reload accept."""
+    config = load_config(path)
+    problems = check_files(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def load_inventory_nodes(path: Path) -> list[Node]:

@@ -53,7 +53,7 @@ def _status_now(sock_path: Path) -> dict:
 async def test_ready_reloading_ready_stopping_sequence(cluster: DevCluster, short_dir: Path) -> None:
     assert cluster.config_path is not None
     status_sock = short_dir / "s.sock"
-    cfg = short_dir / "serve.toml"
+    cfg = cluster.workdir / "serve.toml"
     cfg.write_text(cluster.config_path.read_text().replace(
         f'socket = "{cluster.workdir / "tunneld.sock"}"', f'socket = "{status_sock}"'))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -94,6 +94,12 @@ async def test_ready_reloading_ready_stopping_sequence(cluster: DevCluster, shor
         assert (await _recv(notify, "STOPPING", 10, seen))["STOPPING"] == "1"
         await asyncio.wait_for(proc.wait(), 20)
         assert proc.returncode == 0
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        assert proc.stderr is not None
+        print("daemon stderr:\n" + (await proc.stderr.read()).decode()[-4000:])
+        raise
     finally:
         notify.close()
         if proc.returncode is None:
