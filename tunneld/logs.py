@@ -1,21 +1,64 @@
 """Log lines: one line per event, logfmt or JSON, with node/channel context from ``extra=``.
 
-Never pass keys or tokens to a logger: nothing here can tell a secret from a string.
+Never pass keys or tokens to a logger. As a second line of defence every formatted line goes through
+:func:`redact`, which removes what a secret looks like (PEM/OpenSSH private key blocks, bootstrap tokens'
+secret halves, ``Bearer`` credentials), the values of context fields whose names say they are secret (``token``,
+``password``, ``secret``, ``private_key``, ``authorization``), and any literal value registered with
+:func:`add_secret` (e.g. tokens read from a token file). Newlines inside a message are escaped, so one event is
+always one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
 import time
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is context worth printing.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 
+_SECRET_FIELD = re.compile(r"token|password|passwd|secret|private_key|privatekey|authorization|credential", re.I)
+_PATTERNS = [
+    (re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S),
+     "[redacted private key]"),
+    # A bootstrap token is "<id>.<secret>": the id is public (kubeadm prints it), the secret is not.
+    (re.compile(r"\b([a-z0-9]{6})\.[a-z0-9]{16}\b"), r"\1.[redacted]"),
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}"), r"\1\2[redacted]"),
+]
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+MIN_SECRET_LENGTH = 6
+
+
+def add_secret(value: str) -> None:
+    """Never print ``value`` (e.g. a token read from a file) in a log line from now on."""
+    if len(value) >= MIN_SECRET_LENGTH:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """``text`` without anything that is or looks like a secret."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    with _secrets_lock:
+        known = sorted(_secrets, key=len, reverse=True)
+    for secret in known:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
 def _context(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and v is not None}
+    return {
+        k: "[redacted]" if _SECRET_FIELD.search(k) else v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD and v is not None
+    }
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -36,7 +79,8 @@ class LogfmtFormatter(logging.Formatter):
         fields.update(_context(record))
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
-        return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+        fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return redact(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
 
 
 def _quote(value: object) -> str:
@@ -59,7 +103,8 @@ class JSONFormatter(logging.Formatter):
         fields.update({k: v if isinstance(v, int | float | bool) else str(v) for k, v in _context(record).items()})
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
-        return json.dumps(fields)
+        fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return redact(json.dumps(fields))
 
 
 def setup(level: str = "info", fmt: str = "logfmt") -> None:

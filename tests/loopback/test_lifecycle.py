@@ -107,3 +107,39 @@ async def test_ready_reloading_ready_stopping_sequence(cluster: DevCluster, shor
             await proc.wait()
     order = [k for m in seen for k in ("READY", "RELOADING", "STOPPING") if k in m]
     assert order == ["READY", "RELOADING", "READY", "STOPPING"], order
+
+
+async def test_json_logs_carry_context_and_never_the_key(cluster: DevCluster, short_dir: Path) -> None:
+    """A debug-level run that logs in with the private key: every line is one JSON event, none holds the key."""
+    assert cluster.config_path is not None
+    status_sock = short_dir / "s.sock"
+    cfg = cluster.workdir / "serve.toml"
+    cfg.write_text(cluster.config_path.read_text().replace(
+        f'socket = "{cluster.workdir / "tunneld.sock"}"', f'socket = "{status_sock}"')
+        + '\n[log]\nlevel = "debug"\nformat = "json"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tunneld", "serve", "--config", str(cfg), "--grace", "1",
+        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline and proc.returncode is None, "daemon did not bring the tunnels up"
+            if status_sock.exists():
+                data = _status_now(status_sock)
+                if data["tunnels"] and all(t["state"] == "up" for t in data["tunnels"]):
+                    break
+            await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    events = [json.loads(line) for line in err.decode().splitlines()]  # every line is one JSON event
+    assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in events)
+    ups = [e for e in events if e["msg"] == "tunnel up"]
+    assert sorted(e["node"] for e in ups) == ["node-1", "node-2", "node-3"]
+    key = (cluster.workdir / "gateway_ed25519").read_text()
+    body = [line for line in key.splitlines() if line and not line.startswith("-----")]
+    assert body and not any(line in err.decode() for line in body)
