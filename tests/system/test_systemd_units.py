@@ -85,3 +85,20 @@ def test_service_has_what_the_daemon_relies_on() -> None:
     from tunneld.config import StatusSettings
 
     assert str(StatusSettings().socket).startswith(f"/run/{settings['RuntimeDirectory']}/")
+
+
+def test_example_config_matches_the_unit(tmp_path: Path) -> None:
+    """The example config parses, and puts the sockets in the unit's RuntimeDirectory."""
+    from tunneld.config import load_config
+
+    text = (SYSTEMD / "tunneld.toml.example").read_text()
+    (tmp_path / "nodes.toml").write_text('[[nodes]]\nname = "node-1"\naddress = "192.0.2.11"\n')
+    cfg_path = tmp_path / "tunneld.toml"
+    cfg_path.write_text(text.replace("/etc/tunneld/nodes.toml", str(tmp_path / "nodes.toml")))
+    cfg = load_config(cfg_path)
+    unit = (SYSTEMD / "tunneld.service").read_text()
+    runtime = re.search(r"^RuntimeDirectory=(.*)$", unit, re.M)
+    assert runtime is not None
+    assert str(cfg.status.socket).startswith(f"/run/{runtime.group(1)}/")
+    assert cfg.egress.socket is not None and str(cfg.egress.socket).startswith(f"/run/{runtime.group(1)}/")
+    assert "/etc/tunneld/tunneld.toml" in unit and [n.name for n in cfg.nodes] == ["node-1"]
