@@ -7,6 +7,7 @@ Routes (the JSON shapes are Kubernetes')::
     GET  /apis/certificates.k8s.io/v1/certificatesigningrequests           list (admins: all; others: their own)
     GET  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}    get
     PUT  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/approval   approve/deny (admins)
+    GET  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/audit      decision trail (admins; ours)
 
 Who is calling is decided by an ``Authenticate`` function: on the TLS listener a bearer token (static or bootstrap)
 or a client certificate verified by TLS against the cluster CA (:func:`tls_authenticator`); on the daemon's local
@@ -170,6 +171,15 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         csr = await service.approval_from_body(who, request.match_info["name"], data)
         return web.json_response(csr.to_dict())
 
+    async def audit(request: web.Request) -> web.Response:
+        who = await caller(request)
+        if not who.is_admin:
+            raise Forbidden(f"{who.user} may not read the audit log")
+        name = request.match_info["name"]
+        await service.get(who, name)
+        records = await service.store.list_audit(name)
+        return web.json_response({"kind": "AuditRecordList", "items": [r.to_dict() for r in records]})
+
     async def cluster_info(request: web.Request) -> web.Response:
         assert server_url is not None
         return web.json_response(await service.cluster_info(server_url))
@@ -180,6 +190,7 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         web.get(CSR_PATH, list_),
         web.get(CSR_PATH + "/{name}", get),
         web.put(CSR_PATH + "/{name}/approval", approval),
+        web.get(CSR_PATH + "/{name}/audit", audit),
     ]
     if server_url is not None:
         routes.append(web.get(CLUSTER_INFO_PATH, cluster_info))

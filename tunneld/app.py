@@ -19,6 +19,7 @@ from proxy.policy import Policy, PortSet
 from proxy.server import Limits, Server
 from proxy.tls import client_context, server_context
 from tunneld import __version__
+from tunneld.certsd import CertsDaemon
 from tunneld.config import Config, Node, TLSServerSettings, load_config, split_host_port
 from tunneld.dialer import TunnelDialer
 from tunneld.health import HealthChecks, TunnelSync
@@ -97,13 +98,22 @@ class Gateway:
         limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
         self.egress = Server("egress", self.connect_front, limits)
         self.proxy = Server("proxy", self.api_front, limits)
-        self.status = StatusServer(make_app(self.pool, self.info, self.health, self.metrics), config.status)
+        status_app = make_app(self.pool, self.info, self.health, self.metrics)
+        self.certs = CertsDaemon(config) if config.api is not None else None
+        """The certificates API, store and signer; only with ``[api]``."""
+        if self.certs is not None:
+            self.certs.mount(status_app)
+        self.status = StatusServer(status_app, config.status)
         self.kube: KubeInventory | None = None
         """The Kubernetes node source, with ``[inventory] source = "kubernetes"``, once started."""
         self.kube_options: dict[str, Any] = {}
         """Extra keyword arguments for :class:`KubeInventory` (tests pass short backoffs here)."""
         self._kube_nodes: list[Node] = []
         self._merge_notes: set[str] = set()
+
+    def csr_counts(self) -> dict[str, int]:
+        """Certificate signing requests by state (empty without ``[api]``), refreshed by the signer loop."""
+        return dict(self.certs.service.counts) if self.certs is not None else {}
 
     @property
     def kubelet_tls_verified(self) -> bool:
@@ -139,6 +149,8 @@ class Gateway:
                 raise RuntimeError("refusing to serve proxy URLs without TLS on a non-loopback address")
             await self.proxy.listen_tcp(host, port, _server_tls(p.tls))
         await self.status.start()
+        if self.certs is not None:
+            await self.certs.start()
         self.pool.apply(self.config.nodes)
         if self.config.inventory_source == "kubernetes" and self.config.kubernetes is not None:
             kube = KubeInventory.from_settings(self.config.kubernetes, self._on_kube_nodes, **self.kube_options)
@@ -169,6 +181,8 @@ class Gateway:
         self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
                               limits=self.config.limits)
         change = self._apply_inventory()
+        if self.certs is not None:
+            self.certs.reload(self.config)
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),
                                     "changed": len(change.changed)})
         return change
@@ -189,6 +203,8 @@ class Gateway:
         self.connect_front.policy = self.policy
         self.api_front.policy = self.policy
         self.directory.update(*directory_entries(effective))
+        if self.certs is not None:
+            self.certs.set_nodes(merged)
         return self.pool.apply(merged)
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -203,5 +219,7 @@ class Gateway:
         await self.egress.close(grace)
         await self.proxy.close(grace)
         await self.status.stop()
+        if self.certs is not None:
+            await self.certs.stop()
         await self.pool.close(0.0)
         log.info("stopped")

@@ -149,6 +149,14 @@ from tunneld.cli_node import ssh as _ssh_group  # noqa: E402
 main.add_command(_bootstrap_command)
 main.add_command(_ssh_group)
 
+from tunneld.cli_certs import ca as _ca_group  # noqa: E402  (administrators' certificate commands: own module)
+from tunneld.cli_certs import csr as _csr_group  # noqa: E402
+from tunneld.cli_certs import token as _token_group  # noqa: E402
+
+main.add_command(_ca_group)
+main.add_command(_token_group)
+main.add_command(_csr_group)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

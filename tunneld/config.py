@@ -155,6 +155,51 @@ class LimitSettings:
     max_channels_per_tunnel: int = 1000
 
 
+APPROVAL_POLICIES = ("queue", "always-reject", "insecure-always-approve", "auto-approve-group")
+
+
+@dataclass(frozen=True)
+class CASettings:
+    """The cluster CA's files (``tunneld ca init`` writes them)."""
+
+    cert: Path
+    key: Path
+    ssh_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class APISettings:
+    """The certificates API listener (HTTPS, client certificates optional)."""
+
+    listen: str
+    tls_cert: Path | None = None
+    """With ``tls_key``: the server certificate; when both are unset the CA issues one at startup (in memory)."""
+    tls_key: Path | None = None
+    server_names: tuple[str, ...] = ()
+    """Extra names/addresses for the certificate issued at startup (the listen host is always included)."""
+    external_url: str | None = None
+    """The URL nodes use, published in cluster-info; default ``https://<listen>``."""
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Static callers of the certificates API."""
+
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class CSRSettings:
+    """Approval policy and storage of certificate signing requests."""
+
+    approval: str = "queue"
+    approve_group: str = "system:bootstrappers"
+    store: str = "sqlite"
+    sqlite_path: Path = Path("/var/lib/tunneld/certs.db")
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/tunneld/certs"
+
+
 @dataclass(frozen=True)
 class ServicePort:
     port: int
@@ -206,6 +251,10 @@ class Config:
     services: tuple[Service, ...] = ()
     log_level: str = "info"
     log_format: str = "logfmt"
+    ca: CASettings | None = None
+    api: APISettings | None = None
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    csr: CSRSettings = field(default_factory=CSRSettings)
 
 
 class _Section:
@@ -466,6 +515,8 @@ def load_config(path: str | Path) -> Config:
     )
     li.unknown()
 
+    ca, api, auth, csr = _certs(table("ca"), table("api"), table("auth"), table("csr"), problems)
+
     services = _services(top.get("services", list, []), base, problems)
 
     lg = table("log")
@@ -500,7 +551,7 @@ def load_config(path: str | Path) -> Config:
         path=path, ssh=ssh, health=health, dial=dial, status=status, egress=egress, proxy=proxy_settings,
         kubelet=kubelet, policy=policy, limits=limits, inventory_file=inventory_file,
         inventory_source=inventory_source, kubernetes=kubernetes, nodes=tuple(nodes),
-        services=tuple(services), log_level=log_level, log_format=log_format,
+        services=tuple(services), log_level=log_level, log_format=log_format, ca=ca, api=api, auth=auth, csr=csr,
     )
 
 
@@ -674,6 +725,62 @@ def _listeners(e: _Section, p: _Section, problems: list[str]) -> tuple[EgressSet
                 p.problem("listen", f"{host} is not loopback: serving it needs tls_cert, tls_key and client_ca")
     p.unknown()
     return egress, proxy
+
+
+def _certs(c: _Section, a: _Section, au: _Section, cs: _Section, problems: list[str]
+           ) -> tuple[CASettings | None, APISettings | None, AuthSettings, CSRSettings]:
+    """The ``[ca]``, ``[api]``, ``[auth]`` and ``[csr]`` sections (the certificates part of the daemon)."""
+    cert, key, ssh_key = c.path("cert", None), c.path("key", None), c.path("ssh_key", None)
+    c.unknown()
+    ca = CASettings(cert, key, ssh_key) if cert is not None and key is not None else None
+    if (cert is None) != (key is None):
+        c.problem("cert" if cert is None else "key", "cert and key go together")
+    api: APISettings | None = None
+    listen = a.get("listen", str, None)
+    tls_cert, tls_key = a.path("tls_cert", None), a.path("tls_key", None)
+    names = a.get("server_names", list, [])
+    external = a.get("external_url", str, None)
+    a.unknown()
+    if listen is not None:
+        try:
+            split_host_port(listen)
+        except ValueError as exc:
+            a.problem("listen", str(exc))
+        if (tls_cert is None) != (tls_key is None):
+            a.problem("tls_cert" if tls_cert is None else "tls_key", "tls_cert and tls_key go together")
+        if ca is None:
+            a.problem("listen", "the certificates API needs the cluster CA: set [ca] cert and key")
+        if not all(isinstance(n, str) and n for n in names):
+            a.problem("server_names", "expected a list of host names or addresses")
+        if external is not None and not external.startswith("https://"):
+            a.problem("external_url", f"{external!r} must start with https://")
+        api = APISettings(listen, tls_cert, tls_key, tuple(str(n) for n in names), external)
+    elif a.data:
+        a.problem("listen", "required when [api] is present")
+    auth = AuthSettings(token_file=au.path("token_file", None))
+    au.unknown()
+    default = CSRSettings()
+    csr = CSRSettings(
+        approval=cs.get("approval", str, default.approval),
+        approve_group=cs.get("approve_group", str, default.approve_group),
+        store=cs.get("store", str, default.store),
+        sqlite_path=cs.path("sqlite_path", default.sqlite_path) or default.sqlite_path,
+        etcd_endpoints=tuple(str(e) for e in cs.get("etcd_endpoints", list, [])),
+        etcd_prefix=cs.get("etcd_prefix", str, default.etcd_prefix),
+    )
+    cs.unknown()
+    if csr.approval not in APPROVAL_POLICIES:
+        cs.problem("approval", f"{csr.approval!r} is not one of {', '.join(APPROVAL_POLICIES)}")
+    if csr.store not in ("sqlite", "etcd"):
+        cs.problem("store", f"{csr.store!r} is not sqlite or etcd")
+    if csr.store == "etcd" and not csr.etcd_endpoints:
+        cs.problem("etcd_endpoints", "required with store = \"etcd\" (e.g. [\"http://127.0.0.1:2379\"])")
+    for endpoint in csr.etcd_endpoints:
+        if not endpoint.startswith(("http://", "https://")):
+            cs.problem("etcd_endpoints", f"{endpoint!r} must be an http:// or https:// URL")
+    if not csr.etcd_prefix.startswith("/"):
+        cs.problem("etcd_prefix", "must start with /")
+    return ca, api, auth, csr
 
 
 def _ports(sec: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:

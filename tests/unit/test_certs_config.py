@@ -1,0 +1,51 @@
+"""Config sections of the certificates part: [ca], [api], [auth], [csr] (validated, errors name key and file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunneld.config import load_config
+from tunneld.errors import ConfigError
+
+BASE = '[ssh]\nprivate_key = "k"\nknown_hosts = "kh"\n'
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "t.toml"
+    p.write_text(BASE + text)
+    return p
+
+
+def test_certs_sections_parse_with_defaults_and_relative_paths(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[ca]\ncert = "pki/ca.crt"\nkey = "pki/ca.key"\n[api]\nlisten = "127.0.0.1:6443"\n'
+                         'server_names = ["cp.example.com"]\n[auth]\ntoken_file = "tokens.csv"\n'
+                         '[csr]\napproval = "auto-approve-group"\nsqlite_path = "state/certs.db"\n')
+    cfg = load_config(p)
+    assert cfg.ca is not None and cfg.ca.cert == tmp_path / "pki/ca.crt"
+    assert cfg.api is not None and cfg.api.listen == "127.0.0.1:6443" and cfg.api.server_names == ("cp.example.com",)
+    assert cfg.auth.token_file == tmp_path / "tokens.csv"
+    assert cfg.csr.approval == "auto-approve-group" and cfg.csr.approve_group == "system:bootstrappers"
+    assert cfg.csr.store == "sqlite" and cfg.csr.sqlite_path == tmp_path / "state/certs.db"
+    plain = load_config(_write(tmp_path, ""))
+    assert plain.api is None and plain.ca is None  # without [api] the daemon runs no certificates API
+
+
+def test_certs_sections_errors_name_file_and_key(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[ca]\ncert = "ca.crt"\n[api]\nlisten = "nowhere"\nexternal_url = "http://x"\n'
+                         '[csr]\napproval = "yolo"\nstore = "etcd"\netcd_prefix = "x"\ncolour = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    problems = err.value.problems
+    for expected in [
+        "ca.key: cert and key go together",
+        "api.listen: 'nowhere' is not host:port",
+        "api.listen: the certificates API needs the cluster CA",
+        "api.external_url: 'http://x' must start with https://",
+        "csr.approval: 'yolo' is not one of queue, always-reject, insecure-always-approve, auto-approve-group",
+        "csr.etcd_endpoints: required with store = \"etcd\"",
+        "csr.etcd_prefix: must start with /",
+        "csr.colour: unknown key",
+    ]:
+        assert f"{p}: {expected}" in "\n".join(problems), (expected, problems)

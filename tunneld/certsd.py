@@ -1,0 +1,137 @@
+"""The daemon's certificates part: builds the CA, store, policy and API from :class:`~tunneld.config.Config`.
+
+The gateway creates a :class:`CertsDaemon` only when ``[api]`` is configured. It serves the certificates API on
+``[api] listen`` (HTTPS; a server certificate issued by the cluster CA at startup unless ``tls_cert``/``tls_key`` are
+given), mounts the same API for administrators under :data:`ADMIN_PREFIX` on the local status socket (identity from
+``SO_PEERCRED``; ``tunneld csr`` uses it), runs the signer loop, and hands the inventory to :mod:`certs` as plain data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+import socket
+import ssl
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from aiohttp import web
+
+from certs.api import APIServer, api_tls_context, local_authenticator, make_app, tls_authenticator
+from certs.approval import make_policy
+from certs.ca import CertificateAuthority, cert_pem, key_pem
+from certs.etcd_store import EtcdStore
+from certs.files import write_secret
+from certs.service import CertService
+from certs.signers import NodeInventory
+from certs.sqlite_store import SQLiteStore
+from certs.store import Store
+from certs.tokens import load_token_file
+from tunneld.config import APISettings, Config, CSRSettings, Node, split_host_port
+
+log = logging.getLogger("tunneld.certs")
+
+ADMIN_PREFIX = "/certs"
+"""Where the administrators' CSR API is mounted on the status socket."""
+
+
+def open_store(settings: CSRSettings) -> Store:
+    """The configured CSR store (``[csr] store``)."""
+    if settings.store == "etcd":
+        return EtcdStore(settings.etcd_endpoints, settings.etcd_prefix)
+    return SQLiteStore(settings.sqlite_path)
+
+
+def node_inventory(nodes: Iterable[Node]) -> NodeInventory:
+    """The inventory as certs sees it: each node's name and address."""
+    return NodeInventory.of((n.name, [n.address]) for n in nodes)
+
+
+def _wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def server_url(api: APISettings) -> str:
+    """The URL published in cluster-info: ``external_url``, or ``https://<listen>`` (host name for 0.0.0.0/::)."""
+    if api.external_url:
+        return api.external_url.rstrip("/")
+    host, port = split_host_port(api.listen)
+    if _wildcard(host):
+        host = api.server_names[0] if api.server_names else socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
+
+
+class CertsDaemon:
+    """CA + store + policy + API listener + signer loop, as the gateway runs them."""
+
+    def __init__(self, config: Config) -> None:
+        assert config.api is not None and config.ca is not None, "[api] needs [ca] (checked by load_config)"
+        self.settings = config.api
+        self.ca_settings = config.ca
+        self.ca = CertificateAuthority.load(config.ca.cert, config.ca.key)
+        static = load_token_file(config.auth.token_file) if config.auth.token_file else []
+        self.store = open_store(config.csr)
+        policy = make_policy(config.csr.approval, config.csr.approve_group)
+        self.service = CertService(self.store, self.ca, policy, node_inventory(config.nodes), static)
+        self.url = server_url(config.api)
+        self.api = APIServer(make_app(self.service, tls_authenticator(self.service), self.url))
+        self._signer: asyncio.Task[None] | None = None
+        log.info("certificates: approval policy %s, store %s", policy.name, config.csr.store)
+
+    def mount(self, status_app: web.Application) -> None:
+        """Add the administrators' API under :data:`ADMIN_PREFIX` to the (not yet started) status application."""
+        status_app.add_subapp(ADMIN_PREFIX, make_app(self.service, local_authenticator()))
+
+    def set_nodes(self, nodes: Iterable[Node]) -> None:
+        """The inventory changed (reload, Kubernetes source)."""
+        self.service.set_inventory(node_inventory(nodes))
+
+    def reload(self, config: Config) -> None:
+        """Re-read the static token file (other certificate settings apply on restart)."""
+        if config.auth.token_file is not None:
+            try:
+                self.service.authenticator.set_static(load_token_file(config.auth.token_file))
+            except ValueError as exc:
+                log.error("token file not reloaded: %s", exc)
+
+    def _tls(self) -> ssl.SSLContext:
+        ca_file = str(self.ca_settings.cert)
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            return api_tls_context(str(self.settings.tls_cert), str(self.settings.tls_key), ca_file)
+        host, _ = split_host_port(self.settings.listen)
+        names = [*self.settings.server_names, "localhost", socket.gethostname()]
+        if not _wildcard(host):
+            names.insert(0, host)
+        cert, key = self.ca.issue_server(names)
+        # ssl only loads keys from files: a private directory that exists for the duration of the load.
+        tmp = Path(tempfile.mkdtemp(prefix="tunneld-api-"))
+        try:
+            write_secret(tmp / "tls.crt", cert_pem(cert))
+            write_secret(tmp / "tls.key", key_pem(key))
+            return api_tls_context(str(tmp / "tls.crt"), str(tmp / "tls.key"), ca_file)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def start(self) -> None:
+        """Bind the API listener and start the signer loop."""
+        host, port = split_host_port(self.settings.listen)
+        await self.api.start(host, port, self._tls())
+        self._signer = asyncio.create_task(self.service.run_signer(), name="csr-signer")
+        log.info("certificates API at %s (CA pin %s)", self.url, self.ca.pin)
+
+    async def stop(self) -> None:
+        """Stop the signer, close the listener and the store."""
+        if self._signer is not None:
+            self._signer.cancel()
+            await asyncio.gather(self._signer, return_exceptions=True)
+            self._signer = None
+        await self.api.stop()
+        await self.store.close()
