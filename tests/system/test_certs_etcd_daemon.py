@@ -1,0 +1,67 @@
+"""Two masters (two real `tunneld serve`) sharing a real etcd: a CSR made through one is seen, approved and
+issued through the other, and a pending CSR survives restarting both daemons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from certs.api import CSR_PATH
+from tests.certs_daemon import Daemon, acli, cli, session, wait_for, write_config
+from tests.certs_util import body, make_request
+from tests.etcdbed import ETCD, running_etcd
+
+pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason=f"etcd binary not found at {ETCD}")
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tde", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _rows(out: str) -> dict[str, str]:
+    return {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:]}
+
+
+async def test_two_masters_share_csrs_and_restart_keeps_pending(work: Path) -> None:
+    with running_etcd() as url:
+        a = write_config(work / "a", "127.0.0.1", name="a", store="etcd", etcd=url, etcd_prefix="/shared")
+        b = write_config(work / "b", "127.0.0.1", name="b", store="etcd", etcd=url, etcd_prefix="/shared",
+                         ca_dir=work / "a")
+        assert cli("ca", "init", "--config", str(a.path), "--no-ssh").returncode == 0
+        token = cli("token", "create", "--config", str(a.path), "--ttl", "1h").stdout.strip()
+        masters = [Daemon(a), Daemon(b)]
+        for m in masters:
+            await m.start()
+        try:
+            pem, _ = make_request("system:node:node-2")
+            async with session(b, token) as s:  # the token made against A's config is known to B (same store)
+                async with s.post(CSR_PATH, json=body(pem, name="via-b")) as r:
+                    assert r.status == 201, await r.text()
+            seen = await acli("csr", "list", "--config", str(a.path))
+            assert _rows(seen.stdout) == {"via-b": "Pending"}, seen.stdout + seen.stderr
+        finally:
+            for m in masters:
+                assert await m.stop() == 0
+
+        masters = [Daemon(a), Daemon(b)]
+        for m in masters:
+            await m.start()
+        try:
+            assert _rows((await acli("csr", "list", "--config", str(b.path))).stdout) == {"via-b": "Pending"}
+            ok = await acli("csr", "approve", "via-b", "--config", str(a.path))
+            assert ok.returncode == 0, ok.stderr
+            async with session(b, token) as s:
+                obj = await wait_for(s, "via-b", lambda o: o["status"].get("certificate"))
+            assert [c["type"] for c in obj["status"]["conditions"]] == ["Approved"]
+            assert _rows((await acli("csr", "list", "--config", str(b.path))).stdout) == {"via-b": "Approved,Issued"}
+        finally:
+            for m in masters:
+                assert await m.stop() == 0
