@@ -132,6 +132,8 @@ class FakeKubeAPI:
         """Watches from a resourceVersion below this get 410 Expired."""
         self.gone_as_http = False
         """Answer an expired resourceVersion with HTTP 410 instead of an ERROR event."""
+        self.forbidden = False
+        """Answer every (authenticated) request with 403, as for a user without RBAC permission on nodes."""
         self.requests: list[Request] = []
         self.history: list[_Change] = []
         self._watchers: set[_Watcher] = set()
@@ -265,6 +267,11 @@ class FakeKubeAPI:
         if not self._authorized(request):
             record.status = 401
             return self._json(_status(401, "Unauthorized", "Unauthorized"), 401)
+        if self.forbidden:
+            record.status = 403
+            verb = "watch" if watch else "list"
+            return self._json(_status(403, "Forbidden", f'nodes is forbidden: User "tunneld" cannot {verb} resource '
+                                      '"nodes" in API group "" at the cluster scope'), 403)
         if watch:
             return await self._watch(request, params, record)
         return self._list(params, record)

@@ -74,11 +74,19 @@ class KubeCredentialsError(KubeInventoryError):
 class KubeAPIError(KubeInventoryError):
     """The API server answered with an error (an HTTP status, or a watch ERROR event carrying a Status)."""
 
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        super().__init__(f"{code} {reason}: {message}" if message else f"{code} {reason}")
+    def __init__(self, code: int, reason: str, message: str, server: str = "") -> None:
+        text = f"{code} {reason}: {message}" if message and message != reason else f"{code} {reason}"
+        hint = _HINTS.get(code, "")
+        super().__init__(f"{server}: {text}{hint}" if server else f"{text}{hint}")
         self.code = code
         self.reason = reason
         self.message = message
+
+
+_HINTS = {
+    401: " (the API server rejected the credentials: check the kubeconfig user's token or client certificate)",
+    403: " (the user needs permission to list and watch nodes: a ClusterRole with get/list/watch on nodes)",
+}
 
 
 class KubeAuthError(KubeAPIError):
@@ -218,23 +226,23 @@ class NodeCache:
 # The API boundary: lightkube's configured HTTP client, list and watch
 
 
-def _status_error(code: int, body: bytes) -> KubeAPIError:
+def _status_error(code: int, body: bytes, server: str) -> KubeAPIError:
     reason, message = "", ""
     with contextlib.suppress(ValueError, AttributeError):
         status = json.loads(body[:64 * 1024])
         reason = str(status.get("reason") or "")
         message = str(status.get("message") or "")
         code = int(status.get("code") or code)
-    return _typed_error(code, reason, message[:300])
+    return _typed_error(code, reason, message[:300], server)
 
 
-def _typed_error(code: int, reason: str, message: str) -> KubeAPIError:
+def _typed_error(code: int, reason: str, message: str, server: str) -> KubeAPIError:
     reason = reason or {401: "Unauthorized", 403: "Forbidden", 410: "Gone"}.get(code, "Error")
     if code in (401, 403):
-        return KubeAuthError(code, reason, message)
+        return KubeAuthError(code, reason, message, server)
     if code == 410:
-        return ResourceExpired(code, reason, message)
-    return KubeAPIError(code, reason, message)
+        return ResourceExpired(code, reason, message, server)
+    return KubeAPIError(code, reason, message, server)
 
 
 def _resource_version(obj: Any) -> str | None:
@@ -303,7 +311,7 @@ class KubeAPI:
                         body += chunk
                         if len(body) > 64 * 1024:
                             break
-                    raise _status_error(resp.status_code, body)
+                    raise _status_error(resp.status_code, body, self.server)
                 yield resp
         except httpx.HTTPError as exc:
             raise KubeInventoryError(f"{self.server}: {type(exc).__name__}: {exc or 'connection failed'}") from exc
@@ -373,7 +381,7 @@ class KubeAPI:
         if kind == "ERROR":
             code = obj.get("code")
             raise _typed_error(code if isinstance(code, int) else 500, str(obj.get("reason") or ""),
-                               str(obj.get("message") or "")[:300])
+                               str(obj.get("message") or "")[:300], self.server)
         return kind, obj
 
 

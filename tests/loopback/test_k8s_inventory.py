@@ -287,10 +287,31 @@ async def test_wrong_token_is_a_clear_error(kapi: FakeKubeAPI, caplog: pytest.Lo
     with caplog.at_level(logging.DEBUG), pytest.raises(KubeAuthError) as info:
         await src.start()
     assert info.value.code == 401
-    assert "401 Unauthorized" in str(info.value)
+    assert str(info.value).startswith(f"{kapi.url}: 401 Unauthorized (the API server rejected the credentials")
     assert rec.calls == [] and kapi.list_requests()[0].status == 401
     assert all(wrong not in r.getMessage() and kapi.token not in r.getMessage() for r in caplog.records)
     assert wrong not in str(info.value)
+
+
+async def test_forbidden_later_is_logged_and_retried(kapi: FakeKubeAPI, caplog: pytest.LogCaptureFixture) -> None:
+    kapi.add_node(node_object("a", "10.7.1.1"))
+    rec = Recorder()
+    src = source(kapi, rec)
+    await src.start()
+    try:
+        await wait_for(lambda: kapi.watch_count == 1, what="a watch")
+        kapi.forbidden = True  # RBAC taken away while running: log it as an error and keep retrying
+        with caplog.at_level(logging.ERROR, logger="tunneld.k8s"):
+            kapi.drop_watches()
+            await wait_for(lambda: src.stats.errors >= 2, what="retries")
+        assert any("403 Forbidden" in r.getMessage() and "list and watch nodes" in r.getMessage()
+                   for r in caplog.records)
+        kapi.forbidden = False
+        kapi.add_node(node_object("b", "10.7.1.2"))
+        await wait_for(lambda: "b" in rec.last, what="recovered")
+        assert len(kapi.list_requests()) == 1, "recovered by re-watching from the last version"
+    finally:
+        await src.stop()
 
 
 async def test_api_server_down_at_start_is_retried(short_dir: Path) -> None:
