@@ -605,6 +605,9 @@ def check_files(config: Config) -> list[str]:
         if tls is not None:
             named += [(f"{section}.tls_cert", tls.cert), (f"{section}.tls_key", tls.key),
                       (f"{section}.client_ca", tls.client_ca)]
+    if config.api is not None and config.ca is not None:  # the CA files are only needed to serve the API
+        named += [("ca.cert", config.ca.cert), ("ca.key", config.ca.key), ("auth.token_file", config.auth.token_file),
+                  ("api.tls_cert", config.api.tls_cert), ("api.tls_key", config.api.tls_key)]
     for node in config.nodes:
         named += [(f"nodes ({node.name}).known_hosts", node.known_hosts),
                   (f"nodes ({node.name}).host_key", node.host_key)]

@@ -49,3 +49,15 @@ def test_certs_sections_errors_name_file_and_key(tmp_path: Path) -> None:
         "csr.colour: unknown key",
     ]:
         assert f"{p}: {expected}" in "\n".join(problems), (expected, problems)
+
+
+def test_check_files_names_missing_ca_and_token_file(tmp_path: Path) -> None:
+    from tunneld.config import check_files
+
+    p = _write(tmp_path, '[ca]\ncert = "ca.crt"\nkey = "ca.key"\n[api]\nlisten = "127.0.0.1:6443"\n'
+                         '[auth]\ntoken_file = "tokens.csv"\n')
+    (tmp_path / "ca.crt").write_text("x")
+    problems = "\n".join(check_files(load_config(p)))
+    assert f"{p}: ca.key: {tmp_path / 'ca.key'}: file not found" in problems
+    assert f"{p}: auth.token_file: {tmp_path / 'tokens.csv'}: file not found" in problems
+    assert "ca.cert" not in problems
