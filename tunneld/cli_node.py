@@ -10,8 +10,6 @@ from pathlib import Path
 
 import click
 
-from certs.sshca import DEFAULT_VALIDITY, SSHCA, SSHCAError
-
 
 def _progress(line: str) -> None:
     click.echo(f"bootstrap: {line}", err=True)
@@ -103,6 +101,8 @@ def ssh() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing CA (every host certificate it signed stops working).")
 def ssh_init(directory: Path, algorithm: str, force: bool) -> None:
     """Create the SSH CA and print the known_hosts line the gateway needs."""
+    from certs.sshca import SSHCA, SSHCAError  # asyncssh: imported only by the commands that need it
+
     try:
         ca = SSHCA.create(directory, force=force, algorithm=algorithm)
     except SSHCAError as exc:
@@ -119,7 +119,7 @@ def ssh_init(directory: Path, algorithm: str, force: bool) -> None:
               help="The node's host public key, e.g. /etc/ssh/ssh_host_ed25519_key.pub.")
 @click.option("--principal", "principals", multiple=True, required=True,
               help="A name the gateway dials the node by: its node name and each address (repeat).")
-@click.option("--validity", default=f"{DEFAULT_VALIDITY // (7 * 86400)}w", show_default=True,
+@click.option("--validity", default="52w", show_default=True,
               help="How long the certificate is valid (s, m, h, d, w units; at most 260w).")
 @click.option("--key-id", help="Certificate key ID (default: the first principal).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -129,6 +129,7 @@ def ssh_sign_host(ca_key: Path, host_key: Path, principals: tuple[str, ...], val
                   out: Path | None, pattern: str) -> None:
     """Sign a node's SSH host key; write the certificate and print the gateway's @cert-authority line."""
     from certs.files import write_public
+    from certs.sshca import SSHCA, SSHCAError
 
     try:
         ca = SSHCA.load(ca_key)
