@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
 from dataclasses import replace
 from typing import Any
 
@@ -17,10 +16,9 @@ from proxy.connect import ConnectFront
 from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
 from proxy.policy import Policy, PortSet
 from proxy.server import Limits, Server
-from proxy.tls import client_context, server_context
 from tunneld import __version__
 from tunneld.certsd import CertsDaemon
-from tunneld.config import Config, Node, TLSServerSettings, load_config, split_host_port
+from tunneld.config import Config, Node, load_checked, split_host_port
 from tunneld.dialer import TunnelDialer
 from tunneld.health import HealthChecks, TunnelSync
 from tunneld.inventory import InventoryDiff
@@ -28,6 +26,7 @@ from tunneld.k8s_inventory import KubeInventory, merge_nodes
 from tunneld.metrics import InstrumentedDialer, Metrics
 from tunneld.pool import Pool
 from tunneld.status import StatusServer, make_app
+from tunneld.tlsfiles import TLSFiles
 
 log = logging.getLogger("tunneld")
 
@@ -63,12 +62,6 @@ def directory_entries(config: Config) -> tuple[list[NodeInfo], list[ServiceInfo]
     return nodes, services
 
 
-def _server_tls(tls: TLSServerSettings | None) -> ssl.SSLContext | None:
-    if tls is None:
-        return None
-    return server_context(str(tls.cert), str(tls.key), str(tls.client_ca) if tls.client_ca else None)
-
-
 def _str(path: object) -> str | None:
     return None if path is None else str(path)
 
@@ -86,12 +79,14 @@ class Gateway:
         self.policy = build_policy(config)
         self.directory = Directory(*directory_entries(config))
         k = config.kubelet
-        self.kubelet_tls = client_context(_str(k.certificate_authority), _str(k.client_certificate),
-                                          _str(k.client_key))
+        self.tls = TLSFiles()
+        """Every TLS context built from files; SIGHUP re-reads them in place."""
+        self.kubelet_tls = self.tls.client("kubelet client", _str(k.certificate_authority),
+                                           _str(k.client_certificate), _str(k.client_key))
         self.connect_front = ConnectFront(self.dialer, self.policy)
         self.api_front = APIProxyFront(
             self.dialer, self.policy, self.directory, kubelet_tls=self.kubelet_tls,
-            target_tls=client_context(_str(config.proxy.target_certificate_authority)),
+            target_tls=self.tls.client("proxy targets", _str(config.proxy.target_certificate_authority)),
             pods_refresh=config.proxy.pods_refresh,
         )
         lim = config.limits
@@ -142,12 +137,12 @@ class Gateway:
             await self.egress.listen_unix(e.socket, e.socket_mode)
         if e.listen is not None:
             host, port = split_host_port(e.listen)
-            await self.egress.listen_tcp(host, port, _server_tls(e.tls))
+            await self.egress.listen_tcp(host, port, self.tls.server("egress listener", e.tls))
         if p.listen is not None:
             host, port = split_host_port(p.listen)
             if p.tls is None and not ipaddress.ip_address(host if host != "localhost" else "127.0.0.1").is_loopback:
                 raise RuntimeError("refusing to serve proxy URLs without TLS on a non-loopback address")
-            await self.proxy.listen_tcp(host, port, _server_tls(p.tls))
+            await self.proxy.listen_tcp(host, port, self.tls.server("proxy listener", p.tls))
         await self.status.start()
         if self.certs is not None:
             await self.certs.start()
@@ -167,7 +162,7 @@ class Gateway:
         """
         if self.config.path is None:
             raise RuntimeError("configuration was not loaded from a file")
-        new = load_config(self.config.path)
+        new = load_checked(self.config.path)
         if new.ssh != self.config.ssh or new.health != self.config.health:
             log.warning("ssh/health settings changed: they apply to connections made from now on")
         if (new.egress, new.proxy, new.status, new.limits) != (self.config.egress, self.config.proxy,
@@ -181,6 +176,7 @@ class Gateway:
         self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
                               limits=self.config.limits)
         change = self._apply_inventory()
+        self.tls.reload()
         if self.certs is not None:
             self.certs.reload(self.config)
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),
