@@ -150,7 +150,9 @@ class PodCache:
         async def loop() -> None:
             while True:
                 await self.refresh()
-                await asyncio.sleep(self.refresh_period)
+                # Nodes we could not ask (their tunnel still connecting, say) are asked again soon.
+                await asyncio.sleep(min(self.min_refresh, self.refresh_period) if self.unlisted
+                                    else self.refresh_period)
 
         self._loop_task = asyncio.create_task(loop(), name="pod-cache")
 

@@ -149,20 +149,32 @@ async def forward(
         return False
     upgrade = is_upgrade(request)
     upstream = _Upstream(stream)
+    body: asyncio.Task[None] | None = None
+    head: asyncio.Future[Any] | None = None
     try:
         await upstream.send(h11.Request(
             method=request.method, target=target.encode(), headers=request_headers(request, up, ex.peer.address),
         ))
-        async for chunk in ex.body():
-            await upstream.send(h11.Data(data=chunk))
-        await upstream.send(h11.EndOfMessage())
+        # The body goes up while we wait for the answer: an upstream may answer (and stream) before it has read
+        # everything, and waiting for the whole body first would deadlock once the buffers between us are full.
+        body = asyncio.create_task(_send_body(ex, upstream))
+        head = asyncio.ensure_future(upstream.next())
+        await asyncio.wait({body, head}, return_when=asyncio.FIRST_COMPLETED)
+        if not head.done():
+            if body.exception() is not None and not isinstance(body.exception(), StreamError):
+                raise body.exception()  # type: ignore[misc]  # the client went away
+            # The response timeout counts from the end of the request, as an HTTP client's would.
+            async with asyncio.timeout(response_timeout):
+                event = await head
+        else:
+            event = head.result()
         async with asyncio.timeout(response_timeout):
-            event = await upstream.next()
             while isinstance(event, h11.InformationalResponse) and event.status_code != 101:
                 event = await upstream.next()  # 100 Continue and friends: ours to swallow
         if isinstance(event, h11.InformationalResponse):  # 101: the upstream switched protocols
             if not upgrade:
                 raise StreamError("upstream switched protocols unasked")
+            await body
             await ex.send(h11.InformationalResponse(
                 status_code=101, headers=list(event.headers), reason=event.reason,
             ))
@@ -184,6 +196,10 @@ async def forward(
                 break
             else:
                 raise StreamError("upstream closed before the response was complete")
+        if not body.done():
+            return False  # answered before reading the whole request: this connection cannot be reused
+        if body.exception() is not None:
+            return False
     except TimeoutError:
         await ex.error(504, f"{up.what} did not answer within {response_timeout:g}s")
         return False
@@ -197,6 +213,19 @@ async def forward(
     except ClientGone:
         return False
     finally:
+        for task in (body, head):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            elif task is not None and not task.cancelled():
+                task.exception()  # retrieved: its failure was handled above
         with contextlib.suppress(Exception):
             await stream.close()
     return not upgrade
+
+
+async def _send_body(ex: Exchange, upstream: _Upstream) -> None:
+    async for chunk in ex.body():
+        await upstream.send(h11.Data(data=chunk))
+    await upstream.send(h11.EndOfMessage())

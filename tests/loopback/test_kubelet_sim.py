@@ -17,14 +17,15 @@ from urllib.parse import quote
 
 import asyncssh
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosedOK, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tunneld.dev.kubelet import KubeletSim, SimPod
 from tunneld.dev.pki import DevCA, server_context
 from tunneld.dev.podapps import ECHO_PORT, HTTP_PORT, HTTPS_PORT, pattern
 from tunneld.dev.sshnode import SimNode, SSHMaterial
 
+from ..wsclient import recv_until_closed, status_of
 from .conftest import next_base
 
 POD_IP = "10.99.0.10"
@@ -69,23 +70,6 @@ async def env(short_dir: Path) -> AsyncIterator[Env]:
 def ws(env: Env, path: str, *protocols: str) -> connect:
     return connect(env.base + path, ssl=env.client_tls, subprotocols=list(protocols),  # type: ignore[arg-type]
                    max_size=None, open_timeout=10, close_timeout=5)
-
-
-async def recv_until_closed(conn: ClientConnection) -> list[bytes | str]:
-    """Every message until the server closes normally (bounded by a timeout)."""
-    messages: list[bytes | str] = []
-    async with asyncio.timeout(10):
-        try:
-            while True:
-                messages.append(await conn.recv())
-        except ConnectionClosedOK:
-            return messages
-
-
-def status_of(messages: list[bytes | str]) -> dict[str, object]:
-    statuses = [m[1:] for m in messages if isinstance(m, bytes) and m[:1] == b"\x03"]
-    assert len(statuses) == 1, messages
-    return json.loads(statuses[0])
 
 
 @pytest.mark.both_loops
