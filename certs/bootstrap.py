@@ -252,6 +252,7 @@ async def request_certificate(
     obj = created
     announced_approval = False
     last_report = start
+    unreachable_since: float | None = None
     for _ in range(1_000_000):
         denied, failed = condition(obj, "Denied"), condition(obj, "Failed")
         if denied:
@@ -281,8 +282,12 @@ async def request_certificate(
         await asyncio.sleep(min(opts.poll_interval, max(0.0, opts.timeout - elapsed)))
         try:
             obj = await api.get_csr(name)
+            unreachable_since = None
         except APIUnavailable as exc:
-            progress(f"polling CSR {name}: {exc}; retrying")
+            if unreachable_since is None or clock() - last_report >= 5.0:
+                last_report = clock()
+                progress(f"polling CSR {name}: {exc}; retrying")
+            unreachable_since = unreachable_since or clock()
         except APIError as exc:
             raise BootstrapError(f"polling CSR {name}: {exc}") from exc
     raise BootstrapTimeout(f"CSR {name}: too many polls")  # pragma: no cover - bounded by the timeout above
