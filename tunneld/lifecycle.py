@@ -111,7 +111,10 @@ async def serve(service: Service, grace: float, notifier: Notifier | None = None
     finally:
         if not signals.stop.is_set():  # startup failed: still say we are stopping
             notifier.stopping()
-        signals.close()
-        await service.stop(grace)
-        await watchdog.stop()
-        notifier.close()
+            signals.stop.set()  # a SIGTERM from now on exits at once
+        try:
+            await service.stop(grace)  # the handlers stay: a second SIGTERM during the drain exits at once
+        finally:
+            signals.close()
+            await watchdog.stop()
+            notifier.close()

@@ -143,3 +143,61 @@ async def test_json_logs_carry_context_and_never_the_key(cluster: DevCluster, sh
     key = (cluster.workdir / "gateway_ed25519").read_text()
     body = [line for line in key.splitlines() if line and not line.startswith("-----")]
     assert body and not any(line in err.decode() for line in body)
+
+
+
+async def _connect_through(egress: Path, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A CONNECT to ``target`` through the egress socket, or None if not (yet) possible."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(egress))
+    except OSError:
+        return None
+    writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        head = b""
+    if head.startswith(b"HTTP/1.1 200"):
+        return reader, writer
+    writer.close()
+    return None
+
+
+async def test_sigterm_drains_open_streams_and_second_sigterm_exits_now(cluster: DevCluster) -> None:
+    """SIGTERM: new connections are refused while open CONNECT streams keep working; a second SIGTERM ends the
+    daemon at once (status 1), long before the 60 s grace period."""
+    assert cluster.config_path is not None
+    egress = cluster.workdir / "egress.sock"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tunneld", "serve", "--config", str(cluster.config_path), "--grace", "60",
+        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    echo = "10.244.1.10:7777"  # a TCP echo in a pod of node-1
+    try:
+        deadline = time.monotonic() + 30
+        while (first := await _connect_through(egress, echo)) is None:
+            assert time.monotonic() < deadline and proc.returncode is None, "daemon did not come up"
+            await asyncio.sleep(0.2)
+        second = await _connect_through(egress, echo)
+        assert second is not None
+
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert proc.returncode is None, "draining the open streams"
+        reader, writer = first
+        writer.write(b"still there?")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b"still there?", "an open stream still works"
+        assert await _connect_through(egress, echo) is None, "no new connections while draining"
+        await asyncio.sleep(0.3)
+        assert proc.returncode is None, "still waiting for the second stream"
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+        assert proc.returncode == 1 and time.monotonic() - started < 5
+        second[1].close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
