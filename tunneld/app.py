@@ -71,8 +71,10 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.certs = CertsDaemon(config) if config.api is not None else None
+        """The certificates API, store and signer; only with ``[api]``."""
         self.pool = Pool(config.ssh, config.health, max_channels=config.limits.max_channels_per_tunnel)
-        self.metrics = Metrics(self.pool, getattr(self, "csr_counts", None))
+        self.metrics = Metrics(self.pool, self.csr_counts)
         self.dialer = InstrumentedDialer(TunnelDialer(self.pool, config.dial), self.metrics)
         self.sync = TunnelSync(self.pool, config.health.sync_max_age)
         self.health = HealthChecks(self.sync)
@@ -94,8 +96,6 @@ class Gateway:
         self.egress = Server("egress", self.connect_front, limits)
         self.proxy = Server("proxy", self.api_front, limits)
         status_app = make_app(self.pool, self.info, self.health, self.metrics)
-        self.certs = CertsDaemon(config) if config.api is not None else None
-        """The certificates API, store and signer; only with ``[api]``."""
         if self.certs is not None:
             self.certs.mount(status_app)
         self.status = StatusServer(status_app, config.status)
