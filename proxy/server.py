@@ -239,6 +239,10 @@ class Server:
         self._writers.add(writer)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # Only close() cancels these top-level tasks. Ending quietly matters: Python 3.11's stream callback
+            # logs a cancelled connection task as an error with a traceback.
+            pass
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)

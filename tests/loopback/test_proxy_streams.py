@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -19,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
@@ -194,3 +196,21 @@ async def test_spdy_upgrade_passes_through(gw: Gateway) -> None:
     writer.write(payload)
     assert await asyncio.wait_for(reader.readexactly(len(payload)), 15) == payload
     writer.close()
+
+
+async def test_stopping_with_an_open_exec_session_cuts_it_quietly(cluster: DevCluster,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    gateway = await started(fast_config(cluster))
+    await gateway.api_front.pods.refresh()
+    try:
+        conn = await ws(gateway, f"{NS}/default/pods/web-1/exec?command=cat&stdin=true&stdout=true",
+                        "v5.channel.k8s.io")
+        await conn.send(b"\x00hi")
+        assert await asyncio.wait_for(conn.recv(), 10) == b"\x01hi"
+    finally:
+        await gateway.stop(grace=0.2)
+    # the client learns the session ended (not a clean status: it was cut), and nothing was logged as an error
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(10):
+            await conn.recv()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
