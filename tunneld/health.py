@@ -20,7 +20,7 @@ lists every check the way kube-apiserver does::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -108,8 +108,8 @@ class HealthChecks:
             routes.append(web.get(f"/{endpoint}/{{check}}", self._handler(endpoint)))
         return routes
 
-    def _handler(self, endpoint: str) -> Callable[[web.Request], object]:
-        async def handle(request: web.Request) -> web.Response:
+    def _handler(self, endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
             only = request.match_info.get("check")
             exclude = frozenset(request.query.getall("exclude", []))
             try:

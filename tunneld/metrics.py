@@ -71,8 +71,8 @@ class _PoolCollector(Collector):
         counts = self._csrs()
         if counts is not None:
             csr = GaugeMetricFamily("tunneld_csrs", "Certificate signing requests by state.", labels=["state"])
-            for state, count in sorted(counts.items()):
-                csr.add_metric([state], count)
+            for csr_state, count in sorted(counts.items()):
+                csr.add_metric([csr_state], count)
             yield csr
 
     def _csrs(self) -> Mapping[str, int] | None:

@@ -76,9 +76,9 @@ class StatusServer:
             host, port = split_host_port(self._settings.listen)
             tcp = web.TCPSite(self._runner, host, port)
             await tcp.start()
-            server = tcp._server
-            if server is not None and server.sockets:
-                self.tcp_port = server.sockets[0].getsockname()[1]
+            sockets = getattr(tcp._server, "sockets", None)  # the bound port when listen asked for port 0
+            if sockets:
+                self.tcp_port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         await self._runner.cleanup()
