@@ -23,6 +23,7 @@ from tunneld.config import Config, EgressSettings, PolicySettings, TLSServerSett
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
 from tunneld.dev.pki import DevCA, write_private
 
+from ..relay import unix_relay
 from .conftest import fast_config, started, wait_for
 
 ECHO_PORT = 7777
@@ -237,6 +238,7 @@ async def test_slow_reader_stops_the_sender_instead_of_growing_buffers(cluster: 
         await gw.stop()
 
 
+@pytest.mark.both_loops
 async def test_refusals_have_a_status_line_and_reason(cluster: DevCluster, short_dir: Path) -> None:
     sock = short_dir / "egress.sock"
     gw = await started(egress_config(cluster, sock))
@@ -308,16 +310,34 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.both_loops
+async def test_curl_through_the_unix_socket_reaches_a_kubelet(cluster: DevCluster, short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    try:
+        node = cluster.sim_nodes[2]
+        async with unix_relay(sock) as port:
+            r = await in_thread(lambda: curl("-p", "-x", f"http://127.0.0.1:{port}", "--cacert",
+                                             str(cluster.workdir / "kubelet-ca.crt"),
+                                             f"https://{node.address}:10250/pods"))
+        # curl verified the kubelet's certificate itself: the tunnel is end to end
+        assert r.returncode == 0, r.stderr
+        assert '"web-3"' in r.stdout and '"agent-node-3"' in r.stdout
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.both_loops
 async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[str, Path]) -> None:
     tls = TLSServerSettings(mtls["server.crt"], mtls["server.key"], mtls["ca.crt"])
     gw = await started(egress_config(cluster, None, listen="127.0.0.1:0", tls=tls))
     try:
         port = gw.egress.ports[0]
         node = cluster.sim_nodes[0]
-        url = f"http://{node.address}:{HEALTHZ_PORT}/healthz"
-        proxy = ["-p", "-x", f"https://127.0.0.1:{port}", "--proxy-cacert", str(mtls["ca.crt"])]
+        url = f"https://{node.address}:10250/healthz"
+        proxy = ["-p", "-x", f"https://127.0.0.1:{port}", "--proxy-cacert", str(mtls["ca.crt"]),
+                 "--cacert", str(cluster.workdir / "kubelet-ca.crt")]
         ok = await in_thread(lambda: curl(*proxy, "--proxy-cert", str(mtls["client.crt"]), "--proxy-key",
-                                    str(mtls["client.key"]), url))
+                                          str(mtls["client.key"]), url))
         assert ok.returncode == 0 and ok.stdout == "ok", ok.stderr
         # no client certificate: the TLS handshake is refused, nothing is proxied
         before = gw.pool.tunnels[node.name].counters.channels_total
@@ -325,7 +345,7 @@ async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[
         assert anon.returncode != 0 and anon.stdout == ""
         # a certificate from another CA: refused the same way
         foreign = await in_thread(lambda: curl(*proxy, "--proxy-cert", str(mtls["foreign.crt"]), "--proxy-key",
-                                         str(mtls["foreign.key"]), url))
+                                               str(mtls["foreign.key"]), url))
         assert foreign.returncode != 0 and foreign.stdout == ""
         assert gw.pool.tunnels[node.name].counters.channels_total == before
     finally:

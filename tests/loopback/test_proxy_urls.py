@@ -16,7 +16,7 @@ from typing import TypeVar
 import pytest
 
 from tunneld.app import Gateway
-from tunneld.config import Config, KubeletSettings, ProxySettings
+from tunneld.config import Config, KubeletSettings, PolicySettings, ProxySettings
 from tunneld.dev.cluster import DevCluster
 from tunneld.dev.pki import DevCA
 
@@ -29,7 +29,7 @@ def proxy_config(cluster: DevCluster, *, kubelet_ca: Path | None = None) -> Conf
     cfg = fast_config(cluster)
     ca = cluster.workdir / "kubelet-ca.crt" if kubelet_ca is None else kubelet_ca
     return replace(cfg, proxy=ProxySettings(listen="127.0.0.1:0", pods_refresh=0.5),
-                   kubelet=KubeletSettings(certificate_authority=ca))
+                   kubelet=KubeletSettings(certificate_authority=ca), policy=PolicySettings(node_ports=("10248",)))
 
 
 async def with_pods(cfg: Config) -> Gateway:
@@ -71,6 +71,7 @@ async def test_node_proxy_reaches_the_kubelet_with_verified_tls(cluster: DevClus
         await gw.stop()
 
 
+@pytest.mark.both_loops
 async def test_kubelet_certificate_from_another_ca_is_refused_with_the_reason(cluster: DevCluster,
                                                                             short_dir: Path) -> None:
     other = short_dir / "other-ca.crt"
@@ -129,6 +130,7 @@ async def test_pod_log_with_tail_and_follow_streams(cluster: DevCluster) -> None
         await gw.stop()
 
 
+@pytest.mark.both_loops
 async def test_unknown_targets_and_methods(cluster: DevCluster) -> None:
     gw = await with_pods(proxy_config(cluster))
     try:
@@ -146,7 +148,9 @@ async def test_unknown_targets_and_methods(cluster: DevCluster) -> None:
             r = await curl("-i", "--path-as-is", "-X", method, base(gw) + path)
             assert r.stdout.split(" ", 2)[1] == status, (path, r.stdout)
             assert reason in r.stdout, (path, r.stdout)
-        # a node port outside the policy: 403, never dialed
+        # a plain node port the policy allows, and one it does not (403, never dialed)
+        r = await curl(f"{base(gw)}/api/v1/nodes/node-2:10248/proxy/healthz")
+        assert r.stdout == "ok", r
         r = await curl("-i", f"{base(gw)}/api/v1/nodes/node-1:22/proxy/")
         assert r.stdout.startswith("HTTP/1.1 403") and "policy.node_ports" in r.stdout, r.stdout
     finally:
