@@ -31,6 +31,7 @@ from tunneld.config import load_config
 from tunneld.dev.pki import DevCA
 from tunneld.dev.podapps import ECHO_PORT
 
+from ..relay import unix_relay
 from ..wsclient import read_channel, recv_until_closed, status_of
 from .conftest import write_config
 
@@ -84,10 +85,13 @@ def cluster(bed: SshBed) -> Iterator[Cluster]:
         pytest.skip("needs network namespaces (pod IPs live on each node's own loopback)")
     workdir = bed.workdir / "fronts"
     workdir.mkdir()
-    kca, pca = DevCA("test kubelet CA"), DevCA("test pod CA")
+    kca, pca, eca = DevCA("test kubelet CA"), DevCA("test pod CA"), DevCA("test egress CA")
     c = Cluster(bed, workdir, workdir / "kubelet-ca.crt", workdir / "pod-ca.crt", workdir / "egress.sock")
     c.kubelet_ca.write_bytes(kca.cert_pem)
     c.pod_ca.write_bytes(pca.cert_pem)
+    (workdir / "egress-ca.crt").write_bytes(eca.cert_pem)
+    eca.issue_serving("egress", ["127.0.0.1"]).write(workdir / "egress.crt", workdir / "egress.key")
+    eca.issue_client("kube-apiserver").write(workdir / "client.crt", workdir / "client.key")
     try:
         for i in range(2):
             node = bed.add_node(f"node-{i}")
@@ -111,7 +115,8 @@ def _config(c: Cluster) -> Path:
         text = text.replace(f'name = "{node.name}"\n', f'name = "{node.name}"\npod_cidr = "10.250.{i + 1}.0/24"\n')
     text = text.replace("[status]", (
         f'[kubelet]\ncertificate_authority = "{c.kubelet_ca}"\n\n'
-        f'[egress]\nsocket = "{c.egress}"\n\n'
+        f'[egress]\nsocket = "{c.egress}"\nlisten = "127.0.0.1:0"\ntls_cert = "{c.workdir / "egress.crt"}"\n'
+        f'tls_key = "{c.workdir / "egress.key"}"\nclient_ca = "{c.workdir / "egress-ca.crt"}"\n\n'
         f'[proxy]\nlisten = "127.0.0.1:0"\ntarget_certificate_authority = "{c.pod_ca}"\npods_refresh = 1\n\n'
         '[[services]]\nnamespace = "default"\nname = "web"\n'
         f'endpoints = ["{c.pod_ip(0)}", "{c.pod_ip(1)}"]\n'
@@ -164,6 +169,7 @@ class _UnixHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host)
 
 
+@pytest.mark.both_loops
 async def test_apiserver_style_https_to_kubelet_through_connect(cluster: Cluster, gw: Gateway) -> None:
     node = cluster.nodes[1]
     ctx = ssl.create_default_context(cafile=str(cluster.kubelet_ca))
@@ -183,12 +189,27 @@ async def test_apiserver_style_https_to_kubelet_through_connect(cluster: Cluster
     assert {p["metadata"]["name"] for p in json.loads(body)["items"]} == {"web-1", "agent-1"}
 
 
+@pytest.mark.both_loops
 async def test_proxy_urls_logs_exec_and_portforward_over_real_sshd(cluster: Cluster, gw: Gateway) -> None:
     r = await curl(f"http://{base(gw)}/api/v1/nodes/node-0/proxy/healthz")
     assert r.stdout == b"ok", r
     r = await curl(f"http://{base(gw)}/api/v1/namespaces/default/pods/https:web-1:8443/proxy/x?y=1")
     seen = json.loads(r.stdout)
     assert (seen["pod"], seen["node"], seen["path"]) == ("web-1", "node-1", "/x?y=1")
+    r = await curl(f"http://{base(gw)}/api/v1/namespaces/default/pods/web-0/proxy/plain")
+    assert json.loads(r.stdout)["pod"] == "web-0"
+    follow = await asyncio.create_subprocess_exec(
+        "curl", "-sSN", "--max-time", "30",
+        f"http://{base(gw)}/api/v1/namespaces/default/pods/web-1/log?follow=true&tailLines=1",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert follow.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            lines = [(await follow.stdout.readline()).decode().strip() for _ in range(3)]
+    finally:
+        follow.terminate()
+        await follow.wait()
+    assert lines == [f"node-1/web-1/app line {n}" for n in (19, 20, 21)]
     r = await curl(f"http://{base(gw)}/api/v1/namespaces/kube-system/pods/agent-0/log?container=sidecar&tailLines=2")
     assert r.stdout.decode().splitlines() == ["node-0/agent-0/sidecar line 18", "node-0/agent-0/sidecar line 19"]
     r = await curl(f"http://{base(gw)}/api/v1/namespaces/default/services/web/proxy/")
@@ -209,11 +230,27 @@ async def test_proxy_urls_logs_exec_and_portforward_over_real_sshd(cluster: Clus
                        subprotocols=["v4.channel.k8s.io"], max_size=None,  # type: ignore[list-item]
                        open_timeout=10) as conn:
         assert len([await conn.recv(), await conn.recv()]) == 2  # port preambles
-        data = os.urandom(8 * MiB)
+        data = os.urandom(16 * MiB)
         reader = asyncio.create_task(read_channel(conn, 0, len(data), timeout=60))
         for i in range(0, len(data), 64 * 1024):
             await conn.send(b"\x00" + data[i:i + 64 * 1024])
         assert hashlib.sha256(await reader).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.both_loops
+async def test_curl_through_both_connect_listeners_reaches_a_kubelet(cluster: Cluster, gw: Gateway) -> None:
+    node, w = cluster.nodes[0], cluster.workdir
+    url = f"https://{node.address}:10250/healthz"
+    async with unix_relay(cluster.egress) as port:
+        r = await curl("-p", "-x", f"http://127.0.0.1:{port}", "--cacert", str(cluster.kubelet_ca), url)
+    assert r.stdout == b"ok", r
+    r = await curl("-p", "-x", f"https://127.0.0.1:{gw.egress.ports[0]}", "--proxy-cacert", str(w / "egress-ca.crt"),
+                   "--proxy-cert", str(w / "client.crt"), "--proxy-key", str(w / "client.key"),
+                   "--cacert", str(cluster.kubelet_ca), url)
+    assert r.stdout == b"ok", r
+    r = await curl("-p", "-x", f"https://127.0.0.1:{gw.egress.ports[0]}", "--proxy-cacert", str(w / "egress-ca.crt"),
+                   "--cacert", str(cluster.kubelet_ca), url)
+    assert r.returncode != 0 and r.stdout == b""  # no client certificate
 
 
 async def test_a_dead_node_fails_fast_and_the_other_keeps_serving(cluster: Cluster, gw: Gateway) -> None:
