@@ -20,6 +20,7 @@ from urllib.parse import unquote
 SUBRESOURCES = ("log", "exec", "attach", "portforward")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _PORT = re.compile(r"^([0-9]{1,5}|[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?)$")
+# Matched with fullmatch: "$" alone would also accept a trailing newline.
 _PATH_CHARS = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$")
 
 
@@ -60,7 +61,7 @@ def _segment(raw: str, what: str) -> str:
 
 def _name(raw: str, what: str) -> str:
     value = _segment(raw, what)
-    if value in (".", "..") or not _NAME.match(value):
+    if value in (".", "..") or not _NAME.fullmatch(value):
         raise RouteError(400, f"invalid {what} {value!r}")
     return value
 
@@ -78,9 +79,9 @@ def split_scheme_name_port(ident: str) -> tuple[str, str, str]:
         raise RouteError(400, f"invalid id {ident!r}: expected [scheme:]name[:port]")
     if scheme not in ("", "http", "https"):
         raise RouteError(400, f"invalid scheme {scheme!r}: expected http or https")
-    if not name or not _NAME.match(name):
+    if not name or not _NAME.fullmatch(name):
         raise RouteError(400, f"invalid name {name!r}")
-    if port and not _PORT.match(port):
+    if port and not _PORT.fullmatch(port):
         raise RouteError(400, f"invalid port {port!r}")
     if port.isdigit() and not 0 < int(port) < 65536:
         raise RouteError(400, f"invalid port {port!r}")
@@ -89,7 +90,7 @@ def split_scheme_name_port(ident: str) -> tuple[str, str, str]:
 
 def _rest_path(segments: list[str]) -> str:
     path = "/" + "/".join(segments)
-    if not _PATH_CHARS.match(path):
+    if not _PATH_CHARS.fullmatch(path):
         raise RouteError(400, "invalid characters in path")
     for seg in segments:
         decoded = unquote(seg)

@@ -179,7 +179,7 @@ async def test_the_bed_routes_plain_requests(bed: Bed) -> None:
     answer, _ = await rawhttp.raw("127.0.0.1", bed.proxy_port, raw, timeout=5)
     assert rawhttp.status_of(answer) == 200 and answer.endswith(b"ok")
     assert _request_line(bed.nodes[f"{bed.a}:18080"].heads[0]) == "/x/y?z=1"
-    answer, _ = await rawhttp.raw("127.0.0.1", bed.egress_port, f"CONNECT {bed.b}:18080 HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
-                                  timeout=0.5)
+    connect = f"CONNECT {bed.b}:18080 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer, _ = await rawhttp.raw("127.0.0.1", bed.egress_port, connect, timeout=0.5)
     assert rawhttp.status_of(answer) == 200
     assert bed.dialer.dials[-1] == (bed.b, 18080)

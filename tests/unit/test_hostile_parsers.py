@@ -95,6 +95,7 @@ def _assert_no_traversal(path: str) -> None:
 @example("node-1", 8080, "%2e%2e/%2e%2e/api/v1/nodes/node-2/proxy", "")
 @example("node-1", 8080, "a%2Fb", "")
 @example("node-1", 8080, "..;/x", "")
+@example("node-1", 8080, "\n", "")  # "$" in a regex matches before a trailing newline
 @example("node-1", 8080, "%c0%ae%c0%ae/etc/passwd", "")
 def test_node_proxy_paths_never_change_the_target(name: str, port: int, rest: str, query: str) -> None:
     target = f"/api/v1/nodes/{name}:{port}/proxy/{rest}"
