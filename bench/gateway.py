@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
+from tunneld.localapi import UnixHTTPConnection
 
 
 @dataclass(frozen=True)
@@ -85,18 +85,6 @@ def write_config(workdir: Path, s: GatewaySettings) -> Path:
     return path
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 class GatewayProcess:
     """A ``tunneld serve`` child process with its config, sockets and status client."""
 
@@ -108,7 +96,7 @@ class GatewayProcess:
         self.status_socket = workdir / "status.sock"
         self.egress_socket = workdir / "egress.sock"
         self.proc: Any = None
-        self._status: _UnixHTTP | None = None
+        self._status: UnixHTTPConnection | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         """Start and wait until the status API answers."""
@@ -145,7 +133,7 @@ class GatewayProcess:
         """GET from the status API over a kept-alive unix socket connection (reconnecting once if it broke)."""
         for attempt in (0, 1):
             if self._status is None:
-                self._status = _UnixHTTP(str(self.status_socket), timeout)
+                self._status = UnixHTTPConnection(str(self.status_socket), timeout)
             try:
                 self._status.request("GET", path)
                 resp = self._status.getresponse()

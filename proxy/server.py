@@ -29,6 +29,8 @@ import h11
 log = logging.getLogger("proxy.server")
 
 READ = 256 * 1024
+BACKLOG = 1024
+"""Listen queue: an apiserver opens a connection per dial, in bursts (asyncio's default is 100)."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ class Server:
     async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         """Listen on TCP (TLS when ``tls`` is given); returns the bound port."""
         server = await asyncio.start_server(
-            self._accept, host, port, ssl=tls, limit=READ, reuse_address=True,
+            self._accept, host, port, ssl=tls, limit=READ, reuse_address=True, backlog=BACKLOG,
             ssl_handshake_timeout=self.limits.header_timeout if tls is not None else None,
         )
         self._servers.append(server)
@@ -223,7 +225,7 @@ class Server:
         prepare_socket_path(path)
         old = os.umask(0o777)  # no window in which the socket exists with looser permissions
         try:
-            server = await asyncio.start_unix_server(self._accept, str(path), limit=READ)
+            server = await asyncio.start_unix_server(self._accept, str(path), limit=READ, backlog=BACKLOG)
         finally:
             os.umask(old)
         os.chmod(path, mode)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +10,7 @@ from typing import Any
 import click
 
 from tunneld import __version__, render
-from tunneld.config import Config, load_checked
-from tunneld.errors import ConfigError
+from tunneld.localapi import UnixHTTPConnection, load_or_exit
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
 DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
@@ -25,20 +22,11 @@ def main() -> None:
     """SSH-tunnel proxy gateway for control-plane to node traffic."""
 
 
-def _load(path: str) -> Config:
-    try:
-        return load_checked(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"error: {problem}", err=True)
-        raise SystemExit(2) from exc
-
-
 @main.command("check-config")
 @click.argument("config", default=DEFAULT_CONFIG, type=click.Path(dir_okay=False))
 def check_config(config: str) -> None:
     """Validate CONFIG and its inventory; print every mistake, exit non-zero if there is one."""
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     click.echo(f"{cfg.path}: ok ({len(cfg.nodes)} nodes)")
 
 
@@ -47,7 +35,7 @@ def check_config(config: str) -> None:
 @click.option("--grace", default=10.0, show_default=True, help="Seconds open streams may take to finish on SIGTERM.")
 def serve(config: str, grace: float) -> None:
     """Run the gateway daemon."""
-    cfg = _load(config)  # before the heavy imports: a bad file is refused at once
+    cfg = load_or_exit(config)  # before the heavy imports: a bad file is refused at once
     from tunneld import lifecycle, logs
     from tunneld.app import Gateway
 
@@ -79,20 +67,8 @@ def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, chec
     sys.exit(code)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 def _get(socket_path: str, path: str) -> Any:
-    conn = _UnixHTTPConnection(socket_path, timeout=10)
+    conn = UnixHTTPConnection(socket_path, timeout=10)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()

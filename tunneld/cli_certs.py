@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import http.client
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import click
 
-from tunneld.config import Config, load_config
-from tunneld.errors import ConfigError
+from tunneld.config import Config
+from tunneld.localapi import UnixHTTPConnection, load_or_exit
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
 DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
@@ -29,15 +27,6 @@ CSR_API = "/certs/apis/certificates.k8s.io/v1/certificatesigningrequests"
 
 config_option = click.option("--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True,
                              type=click.Path(dir_okay=False), help="The daemon's config file.")
-
-
-def _config(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"error: {problem}", err=True)
-        raise SystemExit(2) from exc
 
 
 # -- ca -------------------------------------------------------------------------------------------------------
@@ -65,7 +54,7 @@ def ca_init(config_path: str | None, cert_path: Path | None, key_path: Path | No
 
     ssh_dir: Path | None = None
     if config_path:
-        cfg = _config(config_path)
+        cfg = load_or_exit(config_path, files=False)
         if cfg.ca is None:
             raise click.ClickException(f"{config_path}: [ca] cert and key are not set")
         cert_path, key_path = cert_path or cfg.ca.cert, key_path or cfg.ca.key
@@ -133,7 +122,7 @@ def token_create(config_path: str, ttl: str, groups: str, usages: str, descripti
     """Create a bootstrap token and print it (only the token, nothing else)."""
     from certs.tokens import TokenError, new_bootstrap_token, parse_duration
 
-    cfg = _config(config_path)
+    cfg = load_or_exit(config_path, files=False)
     try:
         tok = new_bootstrap_token(parse_duration(ttl), _split(usages), _split(groups), description, node)
     except (TokenError, ValueError) as exc:
@@ -151,7 +140,7 @@ def token_create(config_path: str, ttl: str, groups: str, usages: str, descripti
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def token_list(config_path: str, output: str) -> None:
     """List bootstrap tokens (ids, expiry, usages, groups; never secrets)."""
-    cfg = _config(config_path)
+    cfg = load_or_exit(config_path, files=False)
 
     async def get(store: Any) -> Any:
         return await store.list_tokens()
@@ -177,7 +166,7 @@ def token_list(config_path: str, output: str) -> None:
 @click.argument("token_id")
 def token_delete(config_path: str, token_id: str) -> None:
     """Delete a bootstrap token by id (the part before the dot)."""
-    cfg = _config(config_path)
+    cfg = load_or_exit(config_path, files=False)
     token_id = token_id.split(".", 1)[0]
 
     async def delete(store: Any) -> bool:
@@ -191,23 +180,11 @@ def token_delete(config_path: str, token_id: str) -> None:
 # -- csr ------------------------------------------------------------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=30)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 def _socket_path(config_path: str, socket_path: str | None) -> str:
     if socket_path:
         return socket_path
     if os.path.exists(config_path) or config_path != DEFAULT_CONFIG:
-        cfg = _config(config_path)
+        cfg = load_or_exit(config_path, files=False)
         if cfg.status.socket is None:
             raise click.ClickException(f"{config_path}: [status] socket is disabled; 'tunneld csr' needs it")
         return str(cfg.status.socket)
@@ -215,7 +192,7 @@ def _socket_path(config_path: str, socket_path: str | None) -> str:
 
 
 def _call(sock: str, method: str, path: str, body: Any = None) -> Any:
-    conn = _UnixConnection(sock)
+    conn = UnixHTTPConnection(sock)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, json.dumps(body) if body is not None else None, headers)

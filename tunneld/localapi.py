@@ -1,0 +1,39 @@
+"""What the CLI shares to reach the running daemon: loading its config (or exiting with the problems) and HTTP over
+the daemon's local unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+
+import click
+
+from tunneld.config import Config, load_checked, load_config
+from tunneld.errors import ConfigError
+
+
+def load_or_exit(path: str, *, files: bool = True) -> Config:
+    """The validated config at ``path``; on mistakes, print each one and exit with status 2.
+
+    ``files``: also require the files it names to exist and be readable (not for commands that create them).
+    """
+    try:
+        return load_checked(path) if files else load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        raise SystemExit(2) from exc
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (the daemon's status/admin socket)."""
+
+    def __init__(self, path: str, timeout: float = 30) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
