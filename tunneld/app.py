@@ -6,6 +6,7 @@ builds these objects, so each of them can be tested alone with whatever collabor
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from dataclasses import replace
@@ -212,8 +213,7 @@ class Gateway:
         await self.egress.stop_accepting()
         await self.proxy.stop_accepting()
         await self.api_front.pods.close()
-        await self.egress.close(grace)
-        await self.proxy.close(grace)
+        await asyncio.gather(self.egress.close(grace), self.proxy.close(grace))  # one grace period for both
         await self.status.stop()
         if self.certs is not None:
             await self.certs.stop()
