@@ -394,7 +394,7 @@ def states(gw: Gateway) -> dict[str, str]:
 
 @pytest.fixture
 async def k8s_cluster(short_dir: Path) -> AsyncIterator[DevCluster]:
-    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0)
+    c = DevCluster(nodes=4, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0)
     await c.start()
     try:
         yield c
@@ -422,10 +422,14 @@ async def test_gateway_follows_the_api_with_real_tunnels(k8s_cluster: DevCluster
         await wait_for(lambda: states(gw).get("node-3") == "up", what="node-3 up")
         t1 = gw.pool.tunnels["node-1"]
         kapi.touch_node("node-1")  # MODIFIED without a change that matters: the tunnel is untouched
-        kapi.modify_node("node-2", sim_object(cluster, 1, address=str(ipaddress.ip_address(
-            cluster.sim_nodes[2].address) + 100)))  # MODIFIED address: reconnect to the new (dead) address
-        await wait_for(lambda: gw.pool.nodes["node-2"].address != n2.address, what="node-2 re-addressed")
-        await wait_for(lambda: states(gw)["node-2"] in ("connecting", "down"), what="node-2 reconnecting")
+        # MODIFIED address (node-2 moved to the machine the unlisted 4th sshd plays): the tunnel reconnects there.
+        spare = cluster.sim_nodes[3]
+        kapi.modify_node("node-2", sim_object(cluster, 1, address=spare.address))
+        await wait_for(lambda: gw.pool.nodes["node-2"].address == spare.address, what="node-2 re-addressed")
+        await wait_for(lambda: states(gw)["node-2"] == "up" and spare.active == 1, what="node-2 up at its new address")
+        await wait_for(lambda: cluster.sim_nodes[1].active == 0, what="the old address's connection closed")
+        owner = gw.pool.owner(spare.address)
+        assert owner is not None and owner.node.name == "node-2"
         kapi.delete_node("node-3")  # DELETED: the tunnel drains and closes
         await wait_for(lambda: "node-3" not in gw.pool.tunnels, what="node-3 removed")
         await wait_for(lambda: cluster.sim_nodes[2].active == 0, what="node-3's SSH connection closed")
