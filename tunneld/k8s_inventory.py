@@ -455,15 +455,26 @@ class KubeInventory:
         except KubeInventoryError:
             pass  # logged by the loop, which keeps retrying
 
-    async def stop(self) -> None:
-        """Stop watching and close the connection. No callback is made afterwards."""
-        for task in (self._task, self._publisher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching and close the connection, within about ``timeout`` seconds. No callback is made
+        afterwards."""
+        tasks = [t for t in (self._task, self._publisher) if t is not None]
         self._task = self._publisher = None
-        await self.api.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Cancel again while a task is still running: a library may swallow one cancellation in a race.
+        while tasks and loop.time() < deadline:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=0.2)
+            tasks = [t for t in tasks if not t.done()]
+        if tasks:
+            log.warning("the Kubernetes inventory did not stop within %gs", timeout)
+        try:
+            async with asyncio.timeout(max(deadline - loop.time(), 0.5)):
+                await self.api.close()
+        except (TimeoutError, OSError) as exc:
+            log.warning("closing the connection to %s: %s", self.api.server, exc or type(exc).__name__)
 
     def nodes(self) -> list[Node]:
         return self.cache.inventory()
