@@ -41,10 +41,16 @@ def serve(config: str, grace: float) -> None:
 
     logs.setup(cfg.log_level, cfg.log_format)
 
+    from tunneld.k8s_inventory import KubeInventoryError
+
     async def main_() -> None:
         await lifecycle.serve(Gateway(cfg), grace)
 
-    lifecycle.run(main_())
+    try:
+        lifecycle.run(main_())
+    except (OSError, KubeInventoryError) as exc:  # a port in use, an unreadable file, the API server refusing us
+        click.echo(f"error: cannot start: {exc}", err=True)
+        raise SystemExit(1) from exc
 
 
 @main.command()

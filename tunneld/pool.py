@@ -59,6 +59,7 @@ class Tunnel:
         self._last_exc: Exception | None = None
         self._opening = 0  # channel opens under way: they count against the channel limit too
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def state(self) -> State:
@@ -108,7 +109,7 @@ class Tunnel:
 
     async def _supervise(self) -> None:
         pool = self._pool
-        while True:
+        while not self._stopping:
             if self.machine.gave_up:
                 log.error(
                     "giving up on node after %d failed attempts; reload to retry", self.machine.connect_failures,
@@ -122,6 +123,8 @@ class Tunnel:
                 async with pool.connect_slots:
                     link = await pool.connector(self.node, pool.ssh, self.counters)
             except ConnectFailed as exc:
+                if self._stopping:
+                    return  # a cancellation lost inside the connect (Python 3.11 wait_for race) must still stop us
                 self._last_exc = exc
                 self._event(Event.CONNECT_FAILED, str(exc))
                 delay = pool.backoff.delay(self.machine.connect_failures, pool.rng())
@@ -175,10 +178,18 @@ class Tunnel:
         # A bounded poll: channels close from many tasks, and this runs once per removed node.
         while self.counters.open_channels > 0 and time.monotonic() < deadline and self.link is not None:  # noqa: ASYNC110
             await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Cancel until it ends: a cancellation can be swallowed by a library racing it (bounded: ~5 s).
+            for _ in range(50):
+                self._task.cancel()
+                done, _ = await asyncio.wait({self._task}, timeout=0.1)
+                if done:
+                    break
+            else:
+                log.error("tunnel supervisor did not stop", extra={"node": self.node.name})
+            if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
+                log.error("tunnel supervisor failed: %s", self._task.exception(), extra={"node": self.node.name})
         if self.link is not None:
             self.link.close()
             self.link = None
