@@ -26,7 +26,7 @@ def load_or_exit(path: str, *, files: bool = True) -> Config:
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket (the daemon's status/admin socket)."""
+    """http.client over a unix socket (the daemon's status/admin socket, or the egress socket with ``set_tunnel``)."""
 
     def __init__(self, path: str, timeout: float = 30) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -37,3 +37,5 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         sock.connect(self._path)
         self.sock = sock
+        if self._tunnel_host:  # as http.client does over TCP: CONNECT first
+            self._tunnel()

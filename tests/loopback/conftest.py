@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.config import Config, StatusSettings, load_config
 from tunneld.dev.cluster import DevCluster
@@ -58,14 +57,6 @@ def fast_config(cluster: DevCluster, socket: Path | None = None, **ssh: object) 
         health=replace(cfg.health, period=0.3, timeout=2.0),
         status=StatusSettings(socket=socket, listen=None),
     )
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def states(gw: Gateway) -> dict[str, str]:

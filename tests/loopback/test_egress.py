@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import os
-import socket
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +19,9 @@ import pytest
 from tunneld.config import Config, EgressSettings, PolicySettings, TLSServerSettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
 from tunneld.dev.pki import DevCA, write_private
+from tunneld.localapi import UnixHTTPConnection
 
+from ..curl import curl
 from ..relay import unix_relay
 from .conftest import fast_config, started, wait_for
 
@@ -30,21 +29,6 @@ ECHO_PORT = 7777
 SOURCE_PORT = 7778
 MiB = 1024 * 1024
 T = TypeVar("T")
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket: the same CONNECT exchange an egress client performs."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=10)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-        if self._tunnel_host:
-            self._tunnel()
 
 
 @dataclass
@@ -136,7 +120,7 @@ async def test_http_client_tunnels_through_unix_socket_to_kubelet_healthz(cluste
         node = cluster.sim_nodes[1]
 
         def get() -> tuple[int, bytes]:
-            conn = UnixHTTPConnection(sock)
+            conn = UnixHTTPConnection(str(sock), timeout=10)
             conn.set_tunnel(node.address, HEALTHZ_PORT)
             try:
                 conn.request("GET", "/healthz")
@@ -305,10 +289,6 @@ def mtls(short_dir: Path) -> dict[str, Path]:
     return files
 
 
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "15", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.mark.both_loops
 async def test_curl_through_the_unix_socket_reaches_a_kubelet(cluster: DevCluster, short_dir: Path) -> None:
     sock = short_dir / "egress.sock"
@@ -316,12 +296,11 @@ async def test_curl_through_the_unix_socket_reaches_a_kubelet(cluster: DevCluste
     try:
         node = cluster.sim_nodes[2]
         async with unix_relay(sock) as port:
-            r = await in_thread(lambda: curl("-p", "-x", f"http://127.0.0.1:{port}", "--cacert",
-                                             str(cluster.workdir / "kubelet-ca.crt"),
-                                             f"https://{node.address}:10250/pods"))
+            r = await curl("-p", "-x", f"http://127.0.0.1:{port}", "--cacert",
+                           str(cluster.workdir / "kubelet-ca.crt"), f"https://{node.address}:10250/pods", timeout=15)
         # curl verified the kubelet's certificate itself: the tunnel is end to end
         assert r.returncode == 0, r.stderr
-        assert '"web-3"' in r.stdout and '"agent-node-3"' in r.stdout
+        assert b'"web-3"' in r.stdout and b'"agent-node-3"' in r.stdout
     finally:
         await gw.stop()
 
@@ -336,17 +315,17 @@ async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[
         url = f"https://{node.address}:10250/healthz"
         proxy = ["-p", "-x", f"https://127.0.0.1:{port}", "--proxy-cacert", str(mtls["ca.crt"]),
                  "--cacert", str(cluster.workdir / "kubelet-ca.crt")]
-        ok = await in_thread(lambda: curl(*proxy, "--proxy-cert", str(mtls["client.crt"]), "--proxy-key",
-                                          str(mtls["client.key"]), url))
-        assert ok.returncode == 0 and ok.stdout == "ok", ok.stderr
+        ok = await curl(*proxy, "--proxy-cert", str(mtls["client.crt"]), "--proxy-key", str(mtls["client.key"]), url,
+                        timeout=15)
+        assert ok.returncode == 0 and ok.stdout == b"ok", ok.stderr
         # no client certificate: the TLS handshake is refused, nothing is proxied
         before = gw.pool.tunnels[node.name].counters.channels_total
-        anon = await in_thread(lambda: curl(*proxy, url))
-        assert anon.returncode != 0 and anon.stdout == ""
+        anon = await curl(*proxy, url, timeout=15)
+        assert anon.returncode != 0 and anon.stdout == b""
         # a certificate from another CA: refused the same way
-        foreign = await in_thread(lambda: curl(*proxy, "--proxy-cert", str(mtls["foreign.crt"]), "--proxy-key",
-                                               str(mtls["foreign.key"]), url))
-        assert foreign.returncode != 0 and foreign.stdout == ""
+        foreign = await curl(*proxy, "--proxy-cert", str(mtls["foreign.crt"]), "--proxy-key",
+                             str(mtls["foreign.key"]), url, timeout=15)
+        assert foreign.returncode != 0 and foreign.stdout == b""
         assert gw.pool.tunnels[node.name].counters.channels_total == before
     finally:
         await gw.stop()

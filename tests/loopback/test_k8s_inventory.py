@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests import waiting
 from tests.k8sapi import FakeKubeAPI, node_object
 from tunneld.app import Gateway
 from tunneld.config import Config, KubernetesInventorySettings, Node, StatusSettings, load_config
@@ -29,17 +29,13 @@ from tunneld.k8s_inventory import (
 from tunneld.probe import http_get
 from tunneld.state import Backoff
 
-from .conftest import next_base
+from .conftest import next_base, states
 
 FAST = {"backoff": Backoff(initial=0.02, maximum=0.1, multiplier=2.0, jitter=0.0), "debounce": 0.02}
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await waiting.wait_for(cond, timeout, what, interval=0.02)
 
 
 @pytest.fixture
@@ -386,10 +382,6 @@ def k8s_config(cluster: DevCluster, kapi: FakeKubeAPI, static_nodes: str = "") -
 def sim_object(cluster: DevCluster, i: int, address: str | None = None) -> dict[str, object]:
     sim = cluster.sim_nodes[i]
     return node_object(sim.name, address or sim.address, f"10.244.{i + 1}.0/24", kubelet_port=KUBELET_PORT)
-
-
-def states(gw: Gateway) -> dict[str, str]:
-    return {name: t.state.value for name, t in gw.pool.tunnels.items()}
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 from tunneld.dev.podapps import ECHO_PORT, pattern
 
+from ..curl import curl
 from ..wsclient import read_channel, recv_until_closed, status_of
 from .conftest import fast_config, started
 
@@ -46,15 +46,6 @@ async def gw(cluster: DevCluster) -> AsyncIterator[Gateway]:
 
 def url(gw: Gateway, path: str) -> str:
     return f"http://127.0.0.1:{gw.proxy.ports[0]}{path}"
-
-
-async def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--max-time", str(timeout), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 @pytest.mark.both_loops

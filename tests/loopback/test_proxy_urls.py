@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -20,9 +19,8 @@ from tunneld.config import Config, KubeletSettings, PolicySettings, ProxySetting
 from tunneld.dev.cluster import DevCluster
 from tunneld.dev.pki import DevCA
 
+from ..curl import curl as run_curl
 from .conftest import fast_config, started
-
-T = TypeVar("T")
 
 
 def proxy_config(cluster: DevCluster, *, kubelet_ca: Path | None = None) -> Config:
@@ -40,14 +38,8 @@ async def with_pods(cfg: Config) -> Gateway:
     return gw
 
 
-async def in_thread(fn: Callable[[], T]) -> T:
-    return await asyncio.get_running_loop().run_in_executor(None, fn)
-
-
-async def curl(*args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
-    return await in_thread(lambda: subprocess.run(
-        ["curl", "-sS", "--max-time", str(timeout), *args], capture_output=True, text=True, timeout=timeout + 10,
-    ))
+def curl(*args: str) -> Awaitable[subprocess.CompletedProcess[bytes]]:
+    return run_curl(*args, timeout=15)
 
 
 def base(gw: Gateway) -> str:
@@ -62,10 +54,10 @@ async def test_node_proxy_reaches_the_kubelet_with_verified_tls(cluster: DevClus
         for sim in cluster.sim_nodes:
             r = await curl("-i", f"{base(gw)}/api/v1/nodes/{sim.name}/proxy/healthz")
             assert r.returncode == 0, r.stderr
-            assert r.stdout.startswith("HTTP/1.1 200"), r.stdout
-            assert r.stdout.endswith("\n\nok")
+            assert r.stdout.startswith(b"HTTP/1.1 200"), r.stdout
+            assert r.stdout.endswith(b"\r\n\r\nok")
         r = await curl(f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/pods")
-        names = {p for p in ("web-1", "agent-node-1") if f'"{p}"' in r.stdout}
+        names = {p for p in ("web-1", "agent-node-1") if f'"{p}"'.encode() in r.stdout}
         assert names == {"web-1", "agent-node-1"}, r.stdout[:300]
     finally:
         await gw.stop()
@@ -79,9 +71,9 @@ async def test_kubelet_certificate_from_another_ca_is_refused_with_the_reason(cl
     gw = await started(proxy_config(cluster, kubelet_ca=other))
     try:
         r = await curl("-i", f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/healthz")
-        assert r.stdout.startswith("HTTP/1.1 502 Bad Gateway"), r.stdout
-        assert "certificate not trusted" in r.stdout
-        assert "\n\nok" not in r.stdout
+        assert r.stdout.startswith(b"HTTP/1.1 502 Bad Gateway"), r.stdout
+        assert b"certificate not trusted" in r.stdout
+        assert b"\r\n\r\nok" not in r.stdout
     finally:
         await gw.stop()
 
@@ -94,7 +86,7 @@ async def test_unverified_kubelet_tls_still_works_but_says_so(cluster: DevCluste
         assert gw.info()["kubelet_tls"] == "unverified"
         assert any("kubelet TLS: unverified" in rec.getMessage() for rec in caplog.records)
         r = await curl(f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/healthz")
-        assert r.stdout == "ok"
+        assert r.stdout == b"ok"
     finally:
         await gw.stop()
 
@@ -105,10 +97,11 @@ async def test_pod_log_with_tail_and_follow_streams(cluster: DevCluster) -> None
     try:
         url = f"{base(gw)}/api/v1/namespaces/kube-system/pods/agent-node-2/log"
         r = await curl(f"{url}?container=sidecar&tailLines=3")
-        assert r.stdout.splitlines() == [f"node-2/agent-node-2/sidecar line {n}" for n in (17, 18, 19)], r.stdout
+        expected = [f"node-2/agent-node-2/sidecar line {n}" for n in (17, 18, 19)]
+        assert r.stdout.decode().splitlines() == expected, r.stdout
         # two containers and none named: the apiserver's message
         r = await curl("-i", url)
-        assert r.stdout.startswith("HTTP/1.1 400") and "a container name must be specified" in r.stdout
+        assert r.stdout.startswith(b"HTTP/1.1 400") and b"a container name must be specified" in r.stdout
 
         # follow: lines keep arriving while the client stays; read them as they come, then leave
         proc = await asyncio.create_subprocess_exec(
@@ -146,12 +139,12 @@ async def test_unknown_targets_and_methods(cluster: DevCluster) -> None:
         ]
         for path, method, status, reason in cases:
             r = await curl("-i", "--path-as-is", "-X", method, base(gw) + path)
-            assert r.stdout.split(" ", 2)[1] == status, (path, r.stdout)
-            assert reason in r.stdout, (path, r.stdout)
+            assert r.stdout.split(b" ", 2)[1].decode() == status, (path, r.stdout)
+            assert reason.encode() in r.stdout, (path, r.stdout)
         # a plain node port the policy allows, and one it does not (403, never dialed)
         r = await curl(f"{base(gw)}/api/v1/nodes/node-2:10248/proxy/healthz")
-        assert r.stdout == "ok", r
+        assert r.stdout == b"ok", r
         r = await curl("-i", f"{base(gw)}/api/v1/nodes/node-1:22/proxy/")
-        assert r.stdout.startswith("HTTP/1.1 403") and "policy.node_ports" in r.stdout, r.stdout
+        assert r.stdout.startswith(b"HTTP/1.1 403") and b"policy.node_ports" in r.stdout, r.stdout
     finally:
         await gw.stop()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import sshbed
+from tests import sshbed, waiting
 from tunneld.config import Config, load_config
 
 
@@ -50,3 +50,8 @@ def write_config(bed: sshbed.SshBed, names: list[str], path: Path | None = None)
 
 def config_for(bed: sshbed.SshBed, names: list[str]) -> Config:
     return load_config(write_config(bed, names))
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> float:
+    """Poll ``cond`` (bounded by ``timeout``); returns the seconds it took."""
+    return await waiting.wait_for(cond, timeout, what)

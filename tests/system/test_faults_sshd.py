@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tests.sshbed import SshBed, SshNode
 from tunneld.app import Gateway
 from tunneld.config import Config, load_config
 
-from .conftest import write_config
+from .conftest import wait_for, write_config
 
 pytestmark = pytest.mark.system
 
@@ -55,16 +54,6 @@ def fronts_config(bed: SshBed, names: list[str], *, health: bool = True, extra: 
     if not health:
         cfg = replace(cfg, health=replace(cfg.health, enabled=False))
     return cfg
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> float:
-    """Poll (bounded); returns the seconds it took."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
 
 
 def state(gw: Gateway, name: str) -> str:

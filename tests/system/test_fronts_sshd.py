@@ -31,6 +31,7 @@ from tunneld.config import load_config
 from tunneld.dev.pki import DevCA
 from tunneld.dev.podapps import ECHO_PORT
 
+from ..curl import curl
 from ..relay import unix_relay
 from ..wsclient import read_channel, recv_until_closed, status_of
 from .conftest import write_config
@@ -141,13 +142,6 @@ async def gw(cluster: Cluster) -> AsyncIterator[Gateway]:
         yield gateway
     finally:
         await gateway.stop()
-
-
-async def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
-    proc = await asyncio.create_subprocess_exec("curl", "-sS", "--max-time", "30", *args,
-                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await proc.communicate()
-    return subprocess.CompletedProcess(args, proc.returncode or 0, out, err)
 
 
 def base(gw: Gateway) -> str:

@@ -7,7 +7,6 @@ names another host, is refused before the gateway authenticates.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from tests.sshbed import SSH_KEYGEN, SshBed, SshNode
 from tunneld.app import Gateway
 
-from .conftest import config_for
+from .conftest import config_for, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -51,14 +50,6 @@ def keygen_list(cert: Path | None) -> str:
     assert cert is not None
     return subprocess.run([SSH_KEYGEN, "-L", "-f", str(cert)], capture_output=True, text=True, timeout=30,
                           check=True).stdout
-
-
-async def wait_for(cond: object, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_gateway_accepts_our_host_certificates_and_refuses_others(bed: SshBed, tmp_path: Path) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -15,19 +13,11 @@ from proxy.dialer import Stream, TunnelDown
 from tests.sshbed import SshBed
 from tunneld.app import Gateway
 
-from .conftest import config_for, write_config
+from .conftest import config_for, wait_for, write_config
 
 pytestmark = pytest.mark.system
 
 MiB = 1024 * 1024
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def state(gw: Gateway, name: str) -> str:
