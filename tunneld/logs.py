@@ -66,20 +66,25 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
 
 
+def _fields(formatter: logging.Formatter, record: logging.LogRecord, context: dict[str, object]) -> dict[str, object]:
+    """The event's fields in order (time, level, logger, message, context, exception), each string redacted."""
+    fields: dict[str, object] = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+        **context,
+    }
+    if record.exc_info:
+        fields["exc"] = formatter.formatException(record.exc_info)
+    return {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
 class LogfmtFormatter(logging.Formatter):
     """``ts=… level=… logger=… msg="…" node=…``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields.update(_context(record))
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
-        fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+        fields = _fields(self, record, _context(record))
         return redact(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
 
 
@@ -94,17 +99,8 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields.update({k: v if isinstance(v, int | float | bool) else str(v) for k, v in _context(record).items()})
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
-        fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
-        return redact(json.dumps(fields))
+        context = {k: v if isinstance(v, int | float | bool) else str(v) for k, v in _context(record).items()}
+        return redact(json.dumps(_fields(self, record, context)))
 
 
 def setup(level: str = "info", fmt: str = "logfmt") -> None:

@@ -33,6 +33,7 @@ import signal
 import ssl
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiohttp import web
@@ -47,6 +48,7 @@ from tunneld.dev.channels import (
     offered_protocols,
     portforward_session,
 )
+from tunneld.dev.pki import server_context
 from tunneld.dev.podapps import DEFAULT_PORTS, PodApps, PodIdentity
 from tunneld.dev.spdy import UpgradeFront
 
@@ -319,12 +321,6 @@ def parse_pod(spec: str) -> SimPod:
     return SimPod(parts[0], parts[1], containers, parts[2])
 
 
-def _server_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m tunneld.dev.kubelet`` command line."""
     p = argparse.ArgumentParser(
@@ -337,19 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthz-port", type=int, default=10248, help="plain HTTP healthz port (default 10248)")
     p.add_argument("--healthz-address", default="127.0.0.1",
                    help="address of the healthz port (default 127.0.0.1, like the kubelet's)")
-    p.add_argument("--cert", required=True, help="kubelet serving certificate (PEM)")
-    p.add_argument("--key", required=True, help="its private key (PEM)")
-    p.add_argument("--pod-cert", help="serving certificate of the pods' HTTPS apps (PEM)")
-    p.add_argument("--pod-key", help="its private key (PEM)")
+    p.add_argument("--cert", required=True, type=Path, help="kubelet serving certificate (PEM)")
+    p.add_argument("--key", required=True, type=Path, help="its private key (PEM)")
+    p.add_argument("--pod-cert", type=Path, help="serving certificate of the pods' HTTPS apps (PEM)")
+    p.add_argument("--pod-key", type=Path, help="its private key (PEM)")
     p.add_argument("--pod", dest="pods", action="append", type=parse_pod, default=[], metavar="NS/NAME/IP[/C,C]",
                    help="a pod (repeatable); its apps listen on IP:8080 (HTTP), IP:8443 (HTTPS), IP:7777 (echo)")
     return p
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    pod_tls = _server_context(args.pod_cert, args.pod_key) if args.pod_cert else None
+    pod_tls = server_context(args.pod_cert, args.pod_key) if args.pod_cert else None
     kubelet = KubeletSim(
-        args.node, args.address, args.port, args.healthz_port, _server_context(args.cert, args.key), args.pods,
+        args.node, args.address, args.port, args.healthz_port, server_context(args.cert, args.key), args.pods,
         pod_tls=pod_tls, bind_pods_on_ip=True, healthz_address=args.healthz_address,
     )
     stop = asyncio.Event()
