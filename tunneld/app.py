@@ -7,7 +7,6 @@ builds these objects, so each of them can be tested alone with whatever collabor
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from dataclasses import replace
 from typing import Any
@@ -19,7 +18,7 @@ from proxy.policy import Policy, PortSet
 from proxy.server import Limits, Server
 from tunneld import __version__
 from tunneld.certsd import CertsDaemon
-from tunneld.config import Config, Node, load_checked, split_host_port
+from tunneld.config import Config, Node, is_loopback, load_checked, split_host_port
 from tunneld.dialer import TunnelDialer
 from tunneld.health import HealthChecks, TunnelSync
 from tunneld.inventory import InventoryDiff
@@ -141,8 +140,8 @@ class Gateway:
             await self.egress.listen_tcp(host, port, self.tls.server("egress listener", e.tls))
         if p.listen is not None:
             host, port = split_host_port(p.listen)
-            if p.tls is None and not ipaddress.ip_address(host if host != "localhost" else "127.0.0.1").is_loopback:
-                raise RuntimeError("refusing to serve proxy URLs without TLS on a non-loopback address")
+            if not is_loopback(host) and (p.tls is None or p.tls.client_ca is None):  # as load_config demands
+                raise RuntimeError("refusing to serve proxy URLs on a non-loopback address without mutual TLS")
             await self.proxy.listen_tcp(host, port, self.tls.server("proxy listener", p.tls))
         await self.status.start()
         if self.certs is not None:

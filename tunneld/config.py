@@ -680,7 +680,8 @@ def _tls(sec: _Section, problems: list[str], require_client_ca: bool) -> TLSServ
     return TLSServerSettings(cert, key, ca)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals."""
     if host == "localhost":
         return True
     try:
@@ -724,7 +725,7 @@ def _listeners(e: _Section, p: _Section, problems: list[str]) -> tuple[EgressSet
         except ValueError as exc:
             p.problem("listen", str(exc))
         else:
-            if not _is_loopback(host) and (proxy.tls is None or proxy.tls.client_ca is None):
+            if not is_loopback(host) and (proxy.tls is None or proxy.tls.client_ca is None):
                 p.problem("listen", f"{host} is not loopback: serving it needs tls_cert, tls_key and client_ca")
     p.unknown()
     return egress, proxy
