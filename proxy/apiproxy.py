@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import h11
 
+from proxy.client import get
 from proxy.dialer import Dialer
 from proxy.directory import Directory, NodeInfo, PodCache, PodInfo, parse_pod_list
 from proxy.forward import Upstream, forward, is_upgrade, open_upstream
@@ -197,29 +198,14 @@ def _kubelet_path(route: Route, pod: PodInfo) -> str:
 
 
 async def fetch(dialer: Dialer, policy: Policy, up: Upstream, path: str, timeout: float) -> tuple[int, bytes]:
-    """A GET to ``up`` through the tunnels; returns (status, body). Raises on failure."""
+    """A GET to ``up`` through the tunnels; returns (status, body). Raises on failure or an oversized body."""
     stream = await open_upstream(dialer, policy, up)
-    conn = h11.Connection(h11.CLIENT)
     try:
         async with asyncio.timeout(timeout):
-            await stream.write(conn.send(h11.Request(
-                method="GET", target=path, headers=[("Host", up.authority), ("Accept", "application/json")],
-            )) + conn.send(h11.EndOfMessage()))
-            status, body = 0, bytearray()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.read())
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_POD_LIST:
-                        raise RuntimeError(f"response from {up.what} larger than {MAX_POD_LIST} bytes")
-                elif isinstance(event, h11.EndOfMessage):
-                    return status, bytes(body)
-                else:
-                    raise RuntimeError(f"{up.what} closed the connection early")
+            status, body, complete = await get(stream, up.authority, path, max_body=MAX_POD_LIST,
+                                               headers=[("Accept", "application/json")])
     finally:
         await stream.close()
-
+    if not complete:
+        raise RuntimeError(f"response from {up.what} larger than {MAX_POD_LIST} bytes")
+    return status, body
