@@ -32,7 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tunneld.dev.pki import DevCA, write_private
+from certs.files import write_secret
+from tunneld.dev.pki import DevCA
 
 JSON = "application/json"
 
@@ -154,7 +155,7 @@ class FakeKubeAPI:
             issued = ca.issue_serving("kube-apiserver", [self.host, "localhost"])
             self.ca_file.write_bytes(ca.cert_pem)
             cert.write_bytes(issued.cert_pem)
-            write_private(key, issued.key_pem)
+            write_secret(key, issued.key_pem)
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(cert, key)
         app = web.Application()
@@ -185,7 +186,7 @@ class FakeKubeAPI:
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "tunneld"}}],
             "current-context": "test",
         }
-        write_private(path, json.dumps(config, indent=2).encode())
+        write_secret(path, json.dumps(config, indent=2).encode())
         return path
 
     # -- changes driven by the test ----------------------------------------------------------------------------

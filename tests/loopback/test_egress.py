@@ -16,9 +16,10 @@ from typing import TypeVar
 
 import pytest
 
+from certs.files import write_secret
 from tunneld.config import Config, EgressSettings, PolicySettings, TLSServerSettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
-from tunneld.dev.pki import DevCA, write_private
+from tunneld.dev.pki import DevCA
 from tunneld.localapi import UnixHTTPConnection
 
 from ..curl import curl
@@ -273,7 +274,7 @@ def mtls(short_dir: Path) -> dict[str, Path]:
 
     def put(name: str, data: bytes, secret: bool = False) -> None:
         path = short_dir / name
-        write_private(path, data) if secret else path.write_bytes(data)
+        write_secret(path, data) if secret else path.write_bytes(data)
         files[name] = path
 
     put("ca.crt", ca.cert_pem)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from certs.files import write_secret
 from tunneld.app import Gateway
 from tunneld.config import load_config, split_host_port
 from tunneld.dev.cluster import DevCluster
-from tunneld.dev.pki import DevCA, write_private
+from tunneld.dev.pki import DevCA
 from tunneld.errors import ConfigError
 
 
@@ -38,7 +39,7 @@ async def test_sighup_reloads_listener_certificate(cluster: DevCluster) -> None:
     def issue() -> int:
         issued = ca.issue_serving("proxy", ["127.0.0.1"])
         cert.write_bytes(issued.cert_pem)
-        write_private(key, issued.key_pem)
+        write_secret(key, issued.key_pem)
         return x509.load_pem_x509_certificate(issued.cert_pem).serial_number
 
     first = issue()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from certs.files import write_secret
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Issued:
     def write(self, cert_file: Path, key_file: Path) -> None:
         """Write the certificate, and the key 0600."""
         cert_file.write_bytes(self.cert_pem)
-        write_private(key_file, self.key_pem)
+        write_secret(key_file, self.key_pem)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -94,13 +95,6 @@ class DevCA:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret 0600 (created with that mode, never world-readable for an instant)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncssh
 
-from tunneld.dev.pki import write_private
+from certs.files import write_secret
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -37,7 +37,7 @@ class SSHMaterial:
     def generate(cls, directory: Path) -> SSHMaterial:
         ca = asyncssh.generate_private_key("ssh-ed25519", comment="tunneld-dev-ssh-ca")
         client = asyncssh.generate_private_key("ssh-ed25519", comment="tunneld-dev-gateway")
-        write_private(directory / "gateway_ed25519", client.export_private_key())
+        write_secret(directory / "gateway_ed25519", client.export_private_key())
         (directory / "gateway_ed25519.pub").write_bytes(client.export_public_key())
         (directory / "ssh_ca.pub").write_bytes(ca.export_public_key())
         return cls(directory, ca, client)
