@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from proxy.dialer import DialError
+
 log = logging.getLogger("proxy.pods")
 
 
@@ -129,7 +131,10 @@ class PodCache:
                 try:
                     return await self._fetch(node)
                 except Exception as exc:  # one bad kubelet must not hide the others' pods
-                    log.warning("listing pods failed: %s", exc, extra={"node": node.name})
+                    # A tunnel that is (re)connecting (503) is already logged by the pool; it is retried soon.
+                    transient = isinstance(exc, DialError) and exc.status == 503
+                    log.log(logging.INFO if transient else logging.WARNING, "listing pods failed: %s", exc,
+                            extra={"node": node.name})
                     unlisted[node.name] = str(exc) or type(exc).__name__
                     return None
 

@@ -4,6 +4,7 @@ apiserver -> kubelet translation of pod subresource queries."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -11,8 +12,8 @@ import pytest
 
 from proxy.apiproxy import _kubelet_path
 from proxy.connect import parse_authority
-from proxy.dialer import DestinationNotAllowed
-from proxy.directory import PodInfo, parse_pod_list
+from proxy.dialer import DestinationNotAllowed, TunnelUnavailable
+from proxy.directory import Directory, NodeInfo, PodCache, PodInfo, parse_pod_list
 from proxy.forward import Upstream, request_headers, response_headers
 from proxy.policy import Policy, PortSet
 from proxy.routes import RouteError, parse
@@ -172,3 +173,27 @@ def test_pod_list_parsing() -> None:
     pods = parse_pod_list("node-1", body)
     assert pods == [PodInfo("ns", "a", "node-1", "10.244.1.5", ("c1", "c2"), (80, 443)),
                     PodInfo("default", "pending", "node-1", "", (), ())]
+
+
+async def test_pod_cache_keeps_known_pods_and_names_unlisted_nodes(caplog: pytest.LogCaptureFixture) -> None:
+    nodes = [NodeInfo("node-1", "192.0.2.1"), NodeInfo("node-2", "192.0.2.2"), NodeInfo("node-3", "192.0.2.3")]
+    failures: dict[str, Exception] = {}
+
+    async def list_pods(node: NodeInfo) -> list[PodInfo]:
+        if node.name in failures:
+            raise failures[node.name]
+        return [PodInfo("default", f"web-{node.name}", node.name, "10.244.0.1", ("app",))]
+
+    cache = PodCache(Directory(nodes), list_pods, min_refresh=0.0)
+    await cache.refresh()
+    assert await cache.get("default", "web-node-2") is not None and cache.unlisted == {}
+    failures.update({"node-2": TunnelUnavailable("tunnel to node node-2 is connecting"),
+                     "node-3": RuntimeError("kubelet answered 500 to GET /pods")})
+    with caplog.at_level(logging.INFO, logger="proxy.pods"):
+        await cache.refresh()
+    assert set(cache.unlisted) == {"node-2", "node-3"}
+    assert await cache.get("default", "web-node-2") is not None  # what we knew of an unreachable node is kept
+    levels = {r.getMessage().split(": ", 1)[1]: r.levelno for r in caplog.records}
+    # a reconnecting tunnel is the pool's to report (and is retried soon); a failing kubelet is a warning
+    assert levels == {"tunnel to node node-2 is connecting": logging.INFO,
+                      "kubelet answered 500 to GET /pods": logging.WARNING}
