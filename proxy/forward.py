@@ -155,26 +155,32 @@ async def forward(
         await upstream.send(h11.Request(
             method=request.method, target=target.encode(), headers=request_headers(request, up, ex.peer.address),
         ))
-        # The body goes up while we wait for the answer: an upstream may answer (and stream) before it has read
-        # everything, and waiting for the whole body first would deadlock once the buffers between us are full.
-        body = asyncio.create_task(_send_body(ex, upstream))
-        head = asyncio.ensure_future(upstream.next())
-        await asyncio.wait({body, head}, return_when=asyncio.FIRST_COMPLETED)
-        if not head.done():
-            if body.exception() is not None and not isinstance(body.exception(), StreamError):
-                raise body.exception()  # type: ignore[misc]  # the client went away
-            # The response timeout counts from the end of the request, as an HTTP client's would.
+        if ex.empty_body(request):
+            await upstream.send(h11.EndOfMessage())
             async with asyncio.timeout(response_timeout):
-                event = await head
+                event = await upstream.next()
         else:
-            event = head.result()
+            # The body goes up while we wait for the answer: an upstream may answer (and stream) before it has read
+            # everything, and waiting for the whole body first would deadlock once the buffers between us are full.
+            body = asyncio.create_task(_send_body(ex, upstream))
+            head = asyncio.ensure_future(upstream.next())
+            await asyncio.wait({body, head}, return_when=asyncio.FIRST_COMPLETED)
+            if not head.done():
+                if body.exception() is not None and not isinstance(body.exception(), StreamError):
+                    raise body.exception()  # type: ignore[misc]  # the client went away
+                # The response timeout counts from the end of the request, as an HTTP client's would.
+                async with asyncio.timeout(response_timeout):
+                    event = await head
+            else:
+                event = head.result()
         async with asyncio.timeout(response_timeout):
             while isinstance(event, h11.InformationalResponse) and event.status_code != 101:
                 event = await upstream.next()  # 100 Continue and friends: ours to swallow
         if isinstance(event, h11.InformationalResponse):  # 101: the upstream switched protocols
             if not upgrade:
                 raise StreamError("upstream switched protocols unasked")
-            await body
+            if body is not None:
+                await body
             await ex.send(h11.InformationalResponse(
                 status_code=101, headers=list(event.headers), reason=event.reason,
             ))
@@ -183,19 +189,29 @@ async def forward(
             return False
         if not isinstance(event, h11.Response):
             raise StreamError("upstream closed the connection without answering")
-        await ex.send(h11.Response(
+        # Whatever of the response has arrived goes to the client in one write: the head, and for a small response
+        # its whole body and end too.
+        events: list[Any] = [h11.Response(
             status_code=event.status_code, reason=event.reason,
             headers=response_headers(event.headers, location_prefix),
-        ))
+        )]
         while True:
-            event = await upstream.next()
-            if isinstance(event, h11.Data):
-                await ex.send(h11.Data(data=event.data))
+            event = upstream.conn.next_event()
+            if event is h11.NEED_DATA:
+                if events:
+                    await ex.send(*events)
+                    events = []
+                upstream.conn.receive_data(await stream.read(READ))
+            elif isinstance(event, h11.Data):
+                events.append(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
-                await ex.send(h11.EndOfMessage())
+                events.append(h11.EndOfMessage())
+                await ex.send(*events)
                 break
             else:
                 raise StreamError("upstream closed before the response was complete")
+        if body is None:
+            return not upgrade
         if not body.done():
             return False  # answered before reading the whole request: this connection cannot be reused
         if body.exception() is not None:

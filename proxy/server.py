@@ -71,17 +71,19 @@ class Exchange:
         self._cycles = 0
 
     async def _next(self, timeout: float) -> Any:
+        event = self.conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event  # already buffered: no read, no timer
         async with asyncio.timeout(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
+            while event is h11.NEED_DATA:
                 try:
                     data = await self.reader.read(READ)
                 except (ConnectionError, OSError) as exc:
                     raise ClientGone(str(exc)) from exc
                 self._received += len(data)
                 self.conn.receive_data(data)
+                event = self.conn.next_event()
+        return event
 
     async def request(self) -> h11.Request | None:
         """The next request head, or None when the client is done. Errors are answered here."""
@@ -127,12 +129,25 @@ class Exchange:
             else:
                 raise ClientGone("connection closed during the request body")
 
+    def empty_body(self, request: h11.Request) -> bool:
+        """True, and the request's end consumed, when the current request carries no body (most GETs).
+
+        Lets a front skip streaming a body it knows is empty; when False, read the body with :meth:`body`.
+        """
+        if self.conn.their_state is not h11.SEND_BODY:
+            return False
+        for name, value in request.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+                return False
+        event = self.conn.next_event()
+        assert isinstance(event, h11.EndOfMessage), event
+        return True
+
     async def send(self, *events: Any) -> None:
         """Send h11 events (a response head, data, end of message) and wait for the client to take them."""
-        for event in events:
-            data = self.conn.send(event)
-            if data:
-                self.writer.write(data)
+        data = b"".join([self.conn.send(event) or b"" for event in events])  # one write: one syscall, one segment
+        if data:
+            self.writer.write(data)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
