@@ -11,9 +11,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from proxy.cidr import IPNetwork, NetworkTable
 from proxy.dialer import DestinationNotAllowed
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -52,10 +51,16 @@ class Policy:
     pod_ports: PortSet = PortSet(((1, 65535),))
     service_hosts: dict[str, frozenset[int]] = field(default_factory=dict)
     """Service cluster IP or endpoint address -> allowed ports."""
+    _pod_table: NetworkTable[bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_pod_table", NetworkTable((net, True) for net in self.pod_networks))
 
     def check(self, host: str, port: int) -> None:
         """Raise :class:`DestinationNotAllowed` unless ``host:port`` is allowed."""
-        key = _normalize(host)
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        ip = _ip(bare)
+        key = str(ip) if ip is not None else bare.lower().rstrip(".")
         kubelet_port = self.node_hosts.get(key)
         if kubelet_port is not None:
             if port == kubelet_port or port in self.node_ports:
@@ -64,8 +69,7 @@ class Policy:
         ports = self.service_hosts.get(key)
         if ports is not None and port in ports:
             return
-        ip = _ip(key)
-        if ip is not None and any(ip.version == n.version and ip in n for n in self.pod_networks):
+        if ip is not None and self._pod_table.lookup(ip):
             if port in self.pod_ports:
                 return
             raise DestinationNotAllowed(f"port {port} on pod address {host} is not allowed (policy.pod_ports)")
@@ -80,8 +84,3 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     except ValueError:
         return None
 
-
-def _normalize(host: str) -> str:
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ip = _ip(host)
-    return str(ip) if ip is not None else host.lower().rstrip(".")

@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from proxy.cidr import NetworkTable
 from tunneld.config import Node
 
 
@@ -43,14 +44,12 @@ class OwnerIndex:
 
     def __init__(self, nodes: Iterable[Node]) -> None:
         self._by_key: dict[str, Node] = {}
-        self._cidrs: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Node]] = []
+        self._cidrs: NetworkTable[Node] = NetworkTable()  # nested CIDRs resolve to the narrower owner
         for node in nodes:
             self._by_key[node.name] = node
             self._by_key[node.address] = node
             if node.pod_cidr is not None:
-                self._cidrs.append((node.pod_cidr, node))
-        # Most specific network first, so nested CIDRs resolve to the narrower owner.
-        self._cidrs.sort(key=lambda item: item[0].prefixlen, reverse=True)
+                self._cidrs.add(node.pod_cidr, node)
 
     def owner(self, host: str) -> Node | None:
         """The node owning ``host`` (a name or an IP literal, brackets allowed), or None."""
@@ -62,7 +61,4 @@ class OwnerIndex:
         node = self._by_key.get(str(ip))
         if node is not None:
             return node
-        for net, owner in self._cidrs:
-            if ip.version == net.version and ip in net:
-                return owner
-        return None
+        return self._cidrs.lookup(ip)
