@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,11 @@ def run(*, cipher: str, nbytes: int, repeats: int, requests: int, opens_seq: int
         argv = [sys.executable, "-I", str(NODEAPP), "--sink-port", str(SINK_PORT), "--http-port", str(HTTP_PORT)]
         if node.netns:
             argv = ["ip", "netns", "exec", node.netns, *argv]
+            # Every channel is a TCP connection sshd makes inside the node; thousands per second leave thousands of
+            # TIME_WAIT sockets holding ephemeral ports, and once the range fills every connect() slows down, for
+            # ssh -L and the gateway alike (first runs measured that, not the tunnels). A busy node allows reuse.
+            subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1",
+                            "net.ipv4.ip_local_port_range=1024 65000"], check=True)
         app = procs.spawn(argv, log=workdir / "nodeapp.log", stdout_pipe=True)
         procs.wait_line(app, b"READY", 15)
         log(f"node {node.name}: sshd {node.address}:{node.port} ({bed.mode}), cipher {cipher}")
