@@ -44,7 +44,7 @@ ENCRYPTION_ALGS = [*PREFERRED_CIPHERS, *(
 # against chosen-plaintext attacks on CBC's predictable IVs. AEAD ciphers have no such IVs (OpenSSH sends no such
 # packets), and with them the extra packet only doubles the encryptions and socket writes per packet sent.
 AEAD_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"})
-_EMPTY_IGNORE = (asyncssh.MSG_IGNORE, String(b""))
+_EMPTY_STRING = String(b"")
 # RFC 4254 section 5.1 reason codes: OpenSSH's description is often just "open failed", the code says why.
 _OPEN_FAILURES = {
     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited (sshd forbids forwarding there)",
@@ -168,7 +168,8 @@ def _skip_ignore_padding(conn: asyncssh.SSHClientConnection) -> None:
     send_packet = conn.send_packet
 
     def send_without_ignore(pkttype: int, *args: bytes, **kwargs: Any) -> None:
-        if (pkttype, *args) == _EMPTY_IGNORE and conn.get_extra_info("send_cipher") in AEAD_CIPHERS:
+        if (pkttype == asyncssh.MSG_IGNORE and args == (_EMPTY_STRING,)
+                and conn.get_extra_info("send_cipher") in AEAD_CIPHERS):
             return
         send_packet(pkttype, *args, **kwargs)
 
