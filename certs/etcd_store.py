@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -48,15 +50,34 @@ def _prefix_end(prefix: bytes) -> bytes:
     return b"\x00"
 
 
+def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """TLS for etcd's https endpoints: verify the servers against ``ca`` (default: the system's trust store) and
+    present ``cert``/``key`` when etcd checks client certificates. Raises :class:`StoreError` naming the file."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"etcd_ca {ca}: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise StoreError(f"etcd_cert {cert} / etcd_key {key}: {exc}") from exc
+    return context
+
+
 class EtcdStore:
     """A :class:`~certs.store.Store` in etcd (v3 API via the JSON gateway)."""
 
-    def __init__(self, endpoints: Sequence[str], prefix: str = "/tunneld/certs", timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: Sequence[str], prefix: str = "/tunneld/certs", timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls`` is used for https endpoints (see :func:`client_tls`); without it, the system's trust store."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.prefix = "/" + prefix.strip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     def _key(self, *parts: str) -> str:
@@ -64,7 +85,8 @@ class EtcdStore:
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
         errors: list[str] = []
         for endpoint in self.endpoints:
             try:

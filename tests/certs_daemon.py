@@ -41,7 +41,7 @@ class DaemonConfig:
 
 def write_config(d: Path, host: str, name: str = "tunneld", store: str = "sqlite", etcd: str | None = None,
                  approval: str = "queue", ca_dir: Path | None = None, db: Path | None = None,
-                 extra: str = "", etcd_prefix: str | None = None) -> DaemonConfig:
+                 extra: str = "", etcd_prefix: str | None = None, etcd_tls: str = "") -> DaemonConfig:
     """A full config: [ssh] with a throwaway key, two nodes on ``host`` (closed port), [ca] [api] [csr] [status]."""
     d.mkdir(parents=True, exist_ok=True)
     ca_dir = ca_dir or d
@@ -53,7 +53,8 @@ def write_config(d: Path, host: str, name: str = "tunneld", store: str = "sqlite
     sock = d / f"{name}.sock"
     closed = free_port(host)  # nothing listens there: the tunnels just retry, quietly, on loopback
     store_lines = f'store = "sqlite"\nsqlite_path = "{db or d / "certs.db"}"\n' if store == "sqlite" else (
-        f'store = "etcd"\netcd_endpoints = ["{etcd}"]\netcd_prefix = "{etcd_prefix or "/tunneld-test/" + d.name}"\n')
+        f'store = "etcd"\netcd_endpoints = ["{etcd}"]\netcd_prefix = "{etcd_prefix or "/tunneld-test/" + d.name}"\n'
+        f"{etcd_tls}")
     text = (
         f'[ssh]\nuser = "nobody"\nprivate_key = "{key}"\nknown_hosts = "{d / "known_hosts"}"\n'
         "backoff_initial = 5\nbackoff_max = 30\n\n"

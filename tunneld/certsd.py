@@ -23,7 +23,7 @@ from aiohttp import web
 from certs.api import APIServer, api_tls_context, local_authenticator, make_app, tls_authenticator
 from certs.approval import make_policy
 from certs.ca import CertificateAuthority, cert_pem, key_pem
-from certs.etcd_store import EtcdStore
+from certs.etcd_store import EtcdStore, client_tls
 from certs.files import write_secret
 from certs.service import CertService
 from certs.signers import NodeInventory
@@ -41,7 +41,10 @@ ADMIN_PREFIX = "/certs"
 def open_store(settings: CSRSettings) -> Store:
     """The configured CSR store (``[csr] store``)."""
     if settings.store == "etcd":
-        return EtcdStore(settings.etcd_endpoints, settings.etcd_prefix)
+        tls = None
+        if any(e.startswith("https://") for e in settings.etcd_endpoints):
+            tls = client_tls(settings.etcd_ca, settings.etcd_cert, settings.etcd_key)
+        return EtcdStore(settings.etcd_endpoints, settings.etcd_prefix, tls=tls)
     return SQLiteStore(settings.sqlite_path)
 
 

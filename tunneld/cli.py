@@ -41,6 +41,8 @@ def serve(config: str, grace: float) -> None:
 
     logs.setup(cfg.log_level, cfg.log_format)
 
+    from certs.ca import CAError
+    from certs.store import StoreError
     from tunneld.k8s_inventory import KubeInventoryError
 
     async def main_() -> None:
@@ -48,7 +50,8 @@ def serve(config: str, grace: float) -> None:
 
     try:
         lifecycle.run(main_())
-    except (OSError, KubeInventoryError) as exc:  # a port in use, an unreadable file, the API server refusing us
+    # a port in use, an unreadable file, a CA key not matching its certificate, the API server refusing us
+    except (OSError, CAError, StoreError, KubeInventoryError) as exc:
         click.echo(f"error: cannot start: {exc}", err=True)
         raise SystemExit(1) from exc
 

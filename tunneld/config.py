@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,11 @@ class CSRSettings:
     sqlite_path: Path = Path("/var/lib/tunneld/certs.db")
     etcd_endpoints: tuple[str, ...] = ()
     etcd_prefix: str = "/tunneld/certs"
+    etcd_ca: Path | None = None
+    """CA bundle that signs the etcd servers' certificates (https endpoints; default: the system's trust store)."""
+    etcd_cert: Path | None = None
+    """Client certificate for etcd's client-cert-auth (with ``etcd_key``)."""
+    etcd_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -608,6 +614,9 @@ def check_files(config: Config) -> list[str]:
     if config.api is not None and config.ca is not None:  # the CA files are only needed to serve the API
         named += [("ca.cert", config.ca.cert), ("ca.key", config.ca.key), ("auth.token_file", config.auth.token_file),
                   ("api.tls_cert", config.api.tls_cert), ("api.tls_key", config.api.tls_key)]
+    if config.csr.store == "etcd":
+        named += [("csr.etcd_ca", config.csr.etcd_ca), ("csr.etcd_cert", config.csr.etcd_cert),
+                  ("csr.etcd_key", config.csr.etcd_key)]
     for node in config.nodes:
         named += [(f"nodes ({node.name}).known_hosts", node.known_hosts),
                   (f"nodes ({node.name}).host_key", node.host_key)]
@@ -771,6 +780,9 @@ def _certs(c: _Section, a: _Section, au: _Section, cs: _Section, problems: list[
         sqlite_path=cs.path("sqlite_path", default.sqlite_path) or default.sqlite_path,
         etcd_endpoints=tuple(str(e) for e in cs.get("etcd_endpoints", list, [])),
         etcd_prefix=cs.get("etcd_prefix", str, default.etcd_prefix),
+        etcd_ca=cs.path("etcd_ca", None),
+        etcd_cert=cs.path("etcd_cert", None),
+        etcd_key=cs.path("etcd_key", None),
     )
     cs.unknown()
     if csr.approval not in APPROVAL_POLICIES:
@@ -780,8 +792,18 @@ def _certs(c: _Section, a: _Section, au: _Section, cs: _Section, problems: list[
     if csr.store == "etcd" and not csr.etcd_endpoints:
         cs.problem("etcd_endpoints", "required with store = \"etcd\" (e.g. [\"http://127.0.0.1:2379\"])")
     for endpoint in csr.etcd_endpoints:
-        if not endpoint.startswith(("http://", "https://")):
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
             cs.problem("etcd_endpoints", f"{endpoint!r} must be an http:// or https:// URL")
+        elif url.scheme == "http" and not is_loopback(url.hostname):
+            # The store holds bootstrap tokens and the audit trail: never in clear text over a network.
+            cs.problem("etcd_endpoints", f"{endpoint!r} is plain http to another host: use https:// (with etcd_ca, "
+                                         "and etcd_cert/etcd_key if etcd checks client certificates)")
+    if (csr.etcd_cert is None) != (csr.etcd_key is None):
+        cs.problem("etcd_cert" if csr.etcd_cert is None else "etcd_key", "etcd_cert and etcd_key go together")
+    tls_options = [k for k in ("etcd_ca", "etcd_cert", "etcd_key") if getattr(csr, k) is not None]
+    if tls_options and not any(e.startswith("https://") for e in csr.etcd_endpoints):
+        cs.problem(tls_options[0], "only used with https:// etcd_endpoints")
     if not csr.etcd_prefix.startswith("/"):
         cs.problem("etcd_prefix", "must start with /")
     return ca, api, auth, csr

@@ -14,7 +14,7 @@ import pytest
 from certs.api import CSR_PATH
 from tests.certs_daemon import Daemon, acli, cli, session, wait_for, write_config
 from tests.certs_util import body, make_request
-from tests.etcdbed import ETCD, running_etcd
+from tests.etcdbed import ETCD, EtcdTLS, running_etcd
 
 pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason=f"etcd binary not found at {ETCD}")
 
@@ -65,3 +65,29 @@ async def test_two_masters_share_csrs_and_restart_keeps_pending(work: Path) -> N
         finally:
             for m in masters:
                 assert await m.stop() == 0
+
+
+async def test_daemon_and_admin_cli_use_etcd_over_mutual_tls(work: Path) -> None:
+    tls = EtcdTLS.create(work)
+    with running_etcd(tls=tls) as url:
+        files = f'etcd_ca = "{tls.ca}"\netcd_cert = "{tls.client_cert}"\netcd_key = "{tls.client_key}"\n'
+        cfg = write_config(work / "m", "127.0.0.1", store="etcd", etcd=url, etcd_tls=files)
+        assert cli("ca", "init", "--config", str(cfg.path), "--no-ssh").returncode == 0
+        made = cli("token", "create", "--config", str(cfg.path), "--ttl", "1h")
+        assert made.returncode == 0, made.stderr
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            pem, _ = make_request("system:node:node-1")
+            async with session(cfg, made.stdout.strip()) as s:
+                async with s.post(CSR_PATH, json=body(pem, name="over-tls")) as r:
+                    assert r.status == 201, await r.text()
+            listed = await acli("csr", "list", "--config", str(cfg.path))
+            assert _rows(listed.stdout) == {"over-tls": "Pending"}, listed.stdout + listed.stderr
+        finally:
+            assert await daemon.stop() == 0
+
+        # Without the client certificate etcd refuses the handshake: the admin CLI says the store failed.
+        bare = write_config(work / "n", "127.0.0.1", store="etcd", etcd=url, etcd_tls=f'etcd_ca = "{tls.ca}"\n')
+        refused = cli("token", "list", "--config", str(bare.path))
+        assert refused.returncode != 0 and "etcd" in refused.stderr, refused.stderr

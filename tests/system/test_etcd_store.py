@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from certs.etcd_store import EtcdStore
+from certs.etcd_store import EtcdStore, client_tls
 from certs.store import Conflict, StoreError
 from tests.certs_util import make_csr
-from tests.etcdbed import ETCD, running_etcd
+from tests.etcdbed import ETCD, EtcdTLS, running_etcd
 from tests.store_contract import CALLER, check_store_contract
 
 pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason=f"etcd binary not found at {ETCD}")
@@ -56,3 +57,43 @@ async def test_two_masters_share_csrs_with_compare_and_swap(etcd_url: str) -> No
             await dead.list_csrs()
     finally:
         await dead.close()
+
+
+@pytest.fixture(scope="module")
+def etcd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EtcdTLS]]:
+    tls = EtcdTLS.create(tmp_path_factory.mktemp("etcd-tls"))
+    with running_etcd(tls=tls) as url:
+        yield url, tls
+
+
+async def test_etcd_over_mutual_tls(etcd_tls: tuple[str, EtcdTLS]) -> None:
+    url, tls = etcd_tls
+    assert url.startswith("https://")
+    store = EtcdStore([url], prefix="/t/tls", tls=client_tls(tls.ca, tls.client_cert, tls.client_key))
+    try:
+        await check_store_contract(store)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("how", ["system trust store", "no client certificate"])
+async def test_etcd_tls_refusals_are_store_errors(etcd_tls: tuple[str, EtcdTLS], how: str) -> None:
+    url, tls = etcd_tls
+    context = client_tls() if how == "system trust store" else client_tls(tls.ca)
+    store = EtcdStore([url], prefix="/t/tls", timeout=5, tls=context)
+    try:
+        with pytest.raises(StoreError) as err:
+            await store.list_csrs()
+        if how == "system trust store":
+            assert "certificate verify failed" in str(err.value)  # etcd's certificate is not trusted
+    finally:
+        await store.close()
+
+
+def test_client_tls_names_the_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="etcd_ca"):
+        client_tls(tmp_path / "missing.crt")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(StoreError, match="etcd_cert"):
+        client_tls(None, bad, bad)

@@ -61,3 +61,29 @@ def test_check_files_names_missing_ca_and_token_file(tmp_path: Path) -> None:
     assert f"{p}: ca.key: {tmp_path / 'ca.key'}: file not found" in problems
     assert f"{p}: auth.token_file: {tmp_path / 'tokens.csv'}: file not found" in problems
     assert "ca.cert" not in problems
+
+
+def test_etcd_endpoints_off_loopback_need_tls(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[csr]\nstore = "etcd"\netcd_endpoints = ["http://10.0.0.5:2379", "http://127.0.0.1:2379", '
+                         '"http://[::1]:2379", "ftp://x"]\netcd_cert = "c.crt"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    problems = "\n".join(err.value.problems)
+    assert f"{p}: csr.etcd_endpoints: 'http://10.0.0.5:2379' is plain http to another host: use https://" in problems
+    assert "127.0.0.1:2379" not in problems and "[::1]" not in problems  # loopback may stay plain
+    assert f"{p}: csr.etcd_endpoints: 'ftp://x' must be an http:// or https:// URL" in problems
+    assert f"{p}: csr.etcd_key: etcd_cert and etcd_key go together" in problems
+    assert f"{p}: csr.etcd_cert: only used with https:// etcd_endpoints" in problems
+
+
+def test_etcd_tls_files_are_relative_and_checked(tmp_path: Path) -> None:
+    from tunneld.config import check_files
+
+    p = _write(tmp_path, '[csr]\nstore = "etcd"\netcd_endpoints = ["https://etcd-1.example:2379"]\n'
+                         'etcd_ca = "pki/etcd-ca.crt"\netcd_cert = "pki/c.crt"\netcd_key = "pki/c.key"\n')
+    cfg = load_config(p)
+    assert (cfg.csr.etcd_ca, cfg.csr.etcd_cert, cfg.csr.etcd_key) == (
+        tmp_path / "pki/etcd-ca.crt", tmp_path / "pki/c.crt", tmp_path / "pki/c.key")
+    problems = "\n".join(check_files(cfg))
+    assert f"{p}: csr.etcd_ca: {tmp_path / 'pki/etcd-ca.crt'}: file not found" in problems
+    assert f"{p}: csr.etcd_key: {tmp_path / 'pki/c.key'}: file not found" in problems
