@@ -35,6 +35,7 @@ from certs.store import AlreadyExists, Conflict, NotFound, StoreError
 from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
 
 log = logging.getLogger("certs.api")
+audit = logging.getLogger("certs.audit")
 
 CSR_PATH = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
 CLUSTER_INFO_PATH = "/api/v1/namespaces/kube-public/configmaps/cluster-info"
@@ -101,6 +102,12 @@ def local_authenticator(admin_uids: Iterable[int] | None = None) -> Authenticate
     return authenticate
 
 
+def _refused(request: web.Request, code: int, why: str) -> None:
+    """One audit line per refused caller: who (address), what (method, path), why; never the credentials."""
+    audit.warning("certificates API refused: %s", why, extra={
+        "peer": request.remote or "unix", "method": request.method, "path": request.path[:200], "status": code})
+
+
 def make_app(service: CertService, authenticate: Authenticate, server_url: str | None = None) -> web.Application:
     """The API application. ``server_url`` (the URL nodes reach this API at) enables ``cluster-info``."""
 
@@ -110,8 +117,10 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         try:
             return await handler(request)
         except Unauthorized as exc:
+            _refused(request, 401, str(exc) or "Unauthorized")
             return status(401, "Unauthorized", str(exc) or "Unauthorized")
         except Forbidden as exc:
+            _refused(request, 403, str(exc))
             return status(403, "Forbidden", str(exc))
         except NotFound as exc:
             return status(404, "NotFound", str(exc))

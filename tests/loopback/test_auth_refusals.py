@@ -67,7 +67,10 @@ async def test_missing_wrong_expired_and_foreign_credentials_are_refused(daemon,
         {"Authorization": f"Bearer {short}"},
     ):
         assert await get_status(cfg, headers) == 401, headers
-    assert "expired bootstrap token presented" in d.log.decode(), d.log.decode()[-2000:]
+    log = d.log.decode()
+    assert "expired bootstrap token presented" in log, log[-2000:]
+    assert log.count("certificates API refused") >= 7, log[-2000:]  # one audit line per refused request
+    assert good.split(".")[1] not in log and wrong_secret.split(".")[1] not in log  # secrets never logged
 
     # A client certificate from another CA does not get past the TLS handshake.
     foreign = DevCA("not the cluster CA").issue_client("system:node:node-1")
