@@ -27,7 +27,10 @@ def main() -> None:
 def check_config(config: str) -> None:
     """Validate CONFIG and its inventory; print every mistake, exit non-zero if there is one."""
     cfg = load_or_exit(config)
-    click.echo(f"{cfg.path}: ok ({len(cfg.nodes)} nodes)")
+    nodes = f"{len(cfg.nodes)} nodes"
+    if cfg.inventory_source == "kubernetes":
+        nodes = f"{len(cfg.nodes)} static nodes; the others come from the Kubernetes API at run time"
+    click.echo(f"{cfg.path}: ok ({nodes})")
 
 
 @main.command()

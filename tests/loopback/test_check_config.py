@@ -67,6 +67,11 @@ def test_good_file_passes(confdir: Path) -> None:
     proc = run("check-config", str(cfg))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{cfg}: ok (2 nodes)"
+    (confdir / "kubeconfig").write_text("apiVersion: v1\nkind: Config\n")
+    cfg.write_text(BASE + NODE2 + '[inventory]\nsource = "kubernetes"\nkubeconfig = "kubeconfig"\n')
+    proc = run("check-config", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{cfg}: ok (2 static nodes; the others come from the Kubernetes API at run time)"
 
 
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
