@@ -31,7 +31,7 @@ from cryptography import x509
 
 from certs.csr import ConditionConflict, CSRInvalid
 from certs.service import CertService, Forbidden
-from certs.store import AlreadyExists, Conflict, NotFound, StoreError
+from certs.store import AlreadyExists, Conflict, Contended, NotFound, StoreError
 from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
 
 log = logging.getLogger("certs.api")
@@ -130,6 +130,9 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
             return status(409, "Conflict", str(exc))
         except CSRInvalid as exc:
             return status(422, "Invalid", str(exc))
+        except Contended as exc:
+            log.info("%s", exc)
+            return status(503, "ServiceUnavailable", str(exc))
         except StoreError as exc:
             log.error("store error: %s", exc)
             return status(503, "ServiceUnavailable", "the certificate store is unavailable")

@@ -5,6 +5,7 @@ Keys (values are JSON, keys and values base64 on the wire)::
     <prefix>/csrs/<name>            the CSR record; resource_version = the key's mod_revision
     <prefix>/tokens/<id>            a bootstrap token
     <prefix>/audit/<csr>/<ns>-<rnd> one audit record, written once, never updated
+    <prefix>/locks/<name>           {"owner", "expires"}: a decision under way on one master
 
 Creation is a transaction comparing ``create_revision == 0`` (the key does not exist); updates compare
 ``mod_revision`` with the version read, so concurrent writers from several masters never overwrite each other.
@@ -173,6 +174,33 @@ class EtcdStore:
         kvs = await self._range(prefix, prefix=True)
         kvs.sort(key=lambda kv: int(kv["create_revision"]))
         return [AuditRecord.from_dict(json.loads(_unb64(kv["value"]))) for kv in kvs]
+
+    async def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        key = self._key("locks", name)
+        value = json.dumps({"owner": owner, "expires": time.time() + ttl})
+        for _ in range(3):  # the lock may vanish between a failed create and the read
+            if await self._txn_put(key, value, "CREATE", 0) is not None:
+                return True
+            kvs = await self._range(key)
+            if not kvs:
+                continue
+            held = json.loads(_unb64(kvs[0]["value"]))
+            if held.get("owner") != owner and float(held.get("expires", 0)) >= time.time():
+                return False
+            # Expired, or ours: take it over unless someone else did first.
+            return await self._txn_put(key, value, "MOD", int(kvs[0]["mod_revision"])) is not None
+        return False
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        key = self._key("locks", name)
+        kvs = await self._range(key)
+        if not kvs or json.loads(_unb64(kvs[0]["value"])).get("owner") != owner:
+            return
+        await self._call("/v3/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "MOD",
+                         "mod_revision": str(kvs[0]["mod_revision"])}],
+            "success": [{"request_delete_range": {"key": _b64(key)}}],
+        })
 
     async def close(self) -> None:
         if self._session is not None:

@@ -15,10 +15,12 @@ Every step appends an audit record (who, when, why); the conditions carry the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import secrets
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from cryptography import x509
@@ -29,12 +31,16 @@ from certs.ca import CertificateAuthority
 from certs.csr import APPROVED, CONDITION_TYPES, CSR, DENIED, FAILED, ConditionConflict, CSRInvalid, from_request_body
 from certs.kubeconfig import cluster_only
 from certs.signers import DEFAULT_LIFETIME, KUBELET_CLIENT, NodeInventory, SignerRuleError, check, sign
-from certs.store import AuditRecord, NotFound, Store, update_csr
+from certs.store import AuditRecord, Contended, NotFound, Store, StoreError, update_csr
 from certs.tokens import Authenticator, Identity, StaticToken
 
 log = logging.getLogger("certs.service")
 
 STATES = ("Pending", "Approved", "Issued", "Denied", "Failed")
+LOCK_TTL = 30.0
+"""Seconds a master's lock on a node's first-certificate decision lasts if the master dies holding it."""
+LOCK_WAIT = 5.0
+"""How long a request waits for another master's decision about the same node before answering 503."""
 
 
 class Forbidden(PermissionError):
@@ -69,6 +75,8 @@ class CertService:
         """CSRs by state, refreshed by every signer pass (for metrics)."""
         self._wake = asyncio.Event()
         self._create_lock = asyncio.Lock()
+        self._instance = secrets.token_hex(6)
+        """Names this process as the owner of store locks."""
 
     def set_inventory(self, inventory: NodeInventory) -> None:
         """Replace the inventory (the daemon calls this on reload)."""
@@ -108,14 +116,16 @@ class CertService:
             except SignerRuleError as exc:
                 csr.add_condition(FAILED, "SignerValidationFailure", str(exc), now)
                 decision = None
+                await self.store.create_csr(csr)
             else:
-                decision = self.policy.decide(csr, req, await self._context())
-                actor = f"policy:{self.policy.name}"
-                if decision.outcome == APPROVE:
-                    csr.add_condition(APPROVED, decision.reason, f"{decision.message} (by {actor})", now)
-                elif decision.outcome == DENY:
-                    csr.add_condition(DENIED, decision.reason, f"{decision.message} (by {actor})", now)
-            await self.store.create_csr(csr)
+                async with self._first_certificate_lock(csr, req.node_name):
+                    decision = self.policy.decide(csr, req, await self._context())
+                    actor = f"policy:{self.policy.name}"
+                    if decision.outcome == APPROVE:
+                        csr.add_condition(APPROVED, decision.reason, f"{decision.message} (by {actor})", now)
+                    elif decision.outcome == DENY:
+                        csr.add_condition(DENIED, decision.reason, f"{decision.message} (by {actor})", now)
+                    await self.store.create_csr(csr)
         await self._audit(csr.name, "created", caller.user, "", f"signer {csr.signer_name} via {caller.method}")
         if decision is None:
             failed = csr.condition(FAILED)
@@ -127,6 +137,28 @@ class CertService:
         if csr.state == APPROVED:
             self._wake.set()
         return csr
+
+    @contextlib.asynccontextmanager
+    async def _first_certificate_lock(self, csr: CSR, node: str | None) -> AsyncIterator[None]:
+        """Around deciding and storing a kubelet client CSR from a shared credential (the node's first certificate):
+        hold the store's lock for that node, so masters sharing the store decide one at a time and a second request
+        sees the first one's certificate. Other CSRs need no lock."""
+        if csr.signer_name != KUBELET_CLIENT or csr.requester_node is not None or node is None:
+            yield
+            return
+        name, owner = f"first-kubelet-client/{node}", f"{self._instance}/{csr.name}"
+        deadline = asyncio.get_running_loop().time() + LOCK_WAIT
+        while not await self.store.acquire_lock(name, owner, LOCK_TTL):
+            if asyncio.get_running_loop().time() > deadline:
+                raise Contended(f"another master is deciding a certificate for node {node!r}; try again")
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            try:
+                await self.store.release_lock(name, owner)
+            except StoreError as exc:  # it expires by itself after LOCK_TTL
+                log.warning("could not release the store lock %s: %s", name, exc)
 
     def _visible(self, caller: Identity, csr: CSR) -> bool:
         return caller.is_admin or csr.username == caller.user

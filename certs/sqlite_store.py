@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from certs.tokens import BootstrapToken
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS csrs (name TEXT PRIMARY KEY, version INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, csr TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_csr ON audit (csr);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -118,6 +120,18 @@ class SQLiteStore:
         else:
             rows = await self._q("SELECT data FROM audit WHERE csr = ? ORDER BY seq", csr)
         return [AuditRecord.from_dict(json.loads(r[0])) for r in rows]
+
+    async def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        now = time.time()
+        # One statement: insert, or take over a lock that expired or is already ours; a row comes back if we hold it.
+        rows = await self._q("INSERT INTO locks (name, owner, expires) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                             "SET owner = excluded.owner, expires = excluded.expires "
+                             "WHERE locks.expires < ? OR locks.owner = excluded.owner RETURNING owner",
+                             name, owner, now + ttl, now)
+        return bool(rows)
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        await self._q("DELETE FROM locks WHERE name = ? AND owner = ?", name, owner)
 
     async def close(self) -> None:
         with self._lock:

@@ -32,6 +32,10 @@ class Conflict(StoreError):
     """The object changed since it was read (compare-and-swap failed)."""
 
 
+class Contended(StoreError):
+    """Another master holds the lock for this decision; retry shortly (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """One decision or event: who did what to which CSR, when and why."""
@@ -101,6 +105,16 @@ class Store(Protocol):
 
     async def list_audit(self, csr: str | None = None) -> list[AuditRecord]:
         """The audit log, oldest first, optionally for one CSR."""
+        ...
+
+    async def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the lock ``name`` for ``ttl`` seconds if it is free, expired or already ``owner``'s; False if another
+        owner holds it. Masters sharing a store use it to make one decision at a time (clocks must agree within
+        ``ttl``)."""
+        ...
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        """Release ``name`` if ``owner`` holds it (otherwise nothing happens)."""
         ...
 
     async def close(self) -> None:

@@ -64,3 +64,23 @@ async def check_store_contract(store: Store) -> None:
     await store.append_audit(AuditRecord.now("csr-two", "created", "x"))
     assert [r.actor for r in await store.list_audit("csr-one")] == ["actor-0", "actor-1", "actor-2"]
     assert len(await store.list_audit()) == 4
+
+
+async def check_lock_contract(a: Store, b: Store) -> None:
+    """Named locks two masters (``a`` and ``b`` on the same data) use to decide one thing at a time."""
+    assert await a.acquire_lock("node/n1", "master-a", 30) is True
+    assert await b.acquire_lock("node/n1", "master-b", 30) is False  # held by a
+    assert await a.acquire_lock("node/n1", "master-a", 30) is True  # the owner may renew
+    assert await b.acquire_lock("node/n2", "master-b", 30) is True  # another name is independent
+    await b.release_lock("node/n1", "master-b")  # not b's: nothing happens
+    assert await b.acquire_lock("node/n1", "master-b", 30) is False
+    await a.release_lock("node/n1", "master-a")
+    assert await b.acquire_lock("node/n1", "master-b", 30) is True
+    # A lock whose holder vanished expires: after its ttl anyone may take it.
+    assert await a.acquire_lock("node/n3", "crashed", 0.2) is True
+    assert await b.acquire_lock("node/n3", "master-b", 30) is False
+    await asyncio.sleep(0.3)
+    assert await b.acquire_lock("node/n3", "master-b", 30) is True
+    # Racing for a free lock: exactly one wins.
+    won = await asyncio.gather(*(s.acquire_lock("node/n4", f"racer-{i}", 30) for i, s in enumerate([a, b, a, b])))
+    assert sum(won) == 1

@@ -13,7 +13,7 @@ from certs.etcd_store import EtcdStore, client_tls
 from certs.store import Conflict, StoreError
 from tests.certs_util import make_csr
 from tests.etcdbed import ETCD, EtcdTLS, running_etcd
-from tests.store_contract import CALLER, check_store_contract
+from tests.store_contract import CALLER, check_lock_contract, check_store_contract
 
 pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason=f"etcd binary not found at {ETCD}")
 
@@ -97,3 +97,12 @@ def test_client_tls_names_the_unreadable_file(tmp_path: Path) -> None:
     bad.write_text("not a certificate\n")
     with pytest.raises(StoreError, match="etcd_cert"):
         client_tls(None, bad, bad)
+
+
+async def test_etcd_lock_contract(etcd_url: str) -> None:
+    a, b = EtcdStore([etcd_url], prefix="/t/locks"), EtcdStore([etcd_url], prefix="/t/locks")
+    try:
+        await check_lock_contract(a, b)
+    finally:
+        await a.close()
+        await b.close()
