@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
-from asyncssh.packet import String
 
 from tunneld.config import Node, SSHSettings
 from tunneld.errors import (
@@ -44,7 +43,7 @@ ENCRYPTION_ALGS = [*PREFERRED_CIPHERS, *(
 # against chosen-plaintext attacks on CBC's predictable IVs. AEAD ciphers have no such IVs (OpenSSH sends no such
 # packets), and with them the extra packet only doubles the encryptions and socket writes per packet sent.
 AEAD_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"})
-_EMPTY_STRING = String(b"")
+_EMPTY_STRING = b"\x00\x00\x00\x00"  # an SSH string of length 0 (RFC 4251 section 5), the IGNORE's data
 # RFC 4254 section 5.1 reason codes: OpenSSH's description is often just "open failed", the code says why.
 _OPEN_FAILURES = {
     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited (sshd forbids forwarding there)",
