@@ -278,10 +278,8 @@ class Server:
             return True
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else getattr(exc, "reason", None) or str(exc)
-            # A refused certificate is a warning; a peer that hung up or stalled (port scans, TCP health checks) is not.
-            level = logging.WARNING if "CERTIFICATE" in str(why).upper() else logging.INFO
-            audit.log(level, "%s: TLS handshake refused: %s", self.name, why,
-                      extra={"peer": str(_peer(writer)), "front": self.name})
+            audit.warning("%s: TLS handshake refused: %s", self.name, why,
+                          extra={"peer": str(_peer(writer)), "front": self.name})
             writer.transport.abort()
             return False
 
