@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -28,7 +27,6 @@ from typing import Any
 import h11
 
 log = logging.getLogger("proxy.server")
-audit = logging.getLogger("proxy.audit")
 
 READ = 256 * 1024
 BACKLOG = 1024
@@ -227,10 +225,9 @@ class Server:
 
     async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         """Listen on TCP (TLS when ``tls`` is given); returns the bound port."""
-        # The TLS handshake runs in our connection task (see _serve), not inside the transport: asyncio drops a failed
-        # server-side handshake without a word, and a refused client certificate belongs in the audit log.
         server = await asyncio.start_server(
-            functools.partial(self._accept, tls=tls), host, port, limit=READ, reuse_address=True, backlog=BACKLOG,
+            self._accept, host, port, ssl=tls, limit=READ, reuse_address=True, backlog=BACKLOG,
+            ssl_handshake_timeout=self.limits.header_timeout if tls is not None else None,
         )
         self._servers.append(server)
         bound = server.sockets[0].getsockname()[1]
@@ -251,16 +248,14 @@ class Server:
         self._socket_paths.append(path)
         log.info("%s listening on unix:%s (mode %04o)", self.name, path, mode)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      tls: ssl.SSLContext | None = None) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # asyncio runs this as a task per connection; track it so shutdown can drain or cancel it.
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
         try:
-            if tls is None or await self._handshake(writer, tls):
-                await self._serve(reader, writer)
+            await self._serve(reader, writer)
         except asyncio.CancelledError:
             # Only close() cancels these top-level tasks. Ending quietly matters: Python 3.11's stream callback
             # logs a cancelled connection task as an error with a traceback.
@@ -268,20 +263,6 @@ class Server:
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)
-
-    async def _handshake(self, writer: asyncio.StreamWriter, tls: ssl.SSLContext) -> bool:
-        """TLS server handshake within ``header_timeout``; a failure is audited (peer, reason) and the connection
-        dropped."""
-        try:
-            async with asyncio.timeout(self.limits.header_timeout):
-                await writer.start_tls(tls)
-            return True
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else getattr(exc, "reason", None) or str(exc)
-            audit.warning("%s: TLS handshake refused: %s", self.name, why,
-                          extra={"peer": str(_peer(writer)), "front": self.name})
-            writer.transport.abort()
-            return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)
