@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,9 +202,7 @@ class SSHLink:
             raise TunnelDown(f"tunnel to node {self.node} is closed")
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await self._conn.open_connection(
-                    host, port, encoding=None, window=CHANNEL_WINDOW
-                )
+                _, session = await self._conn.create_connection(_Session, host, port, window=CHANNEL_WINDOW)
         except TimeoutError as exc:
             raise DialTimeout(f"opening a channel to {host}:{port} via node {self.node} timed out") from exc
         except asyncssh.ChannelOpenError as exc:
@@ -212,44 +211,142 @@ class SSHLink:
             raise ChannelRefused(f"node {self.node} refused a channel to {host}:{port}: {why}{detail}") from exc
         except (asyncssh.Error, OSError) as exc:
             raise TunnelDown(f"tunnel to node {self.node} failed: {_describe(exc)}") from exc
-        return ChannelStream(reader, writer, self.counters, f"{host}:{port}")
+        assert isinstance(session, _Session)
+        return ChannelStream(session, self.counters, f"{host}:{port}")
+
+
+class _Session(asyncssh.SSHTCPSession[bytes]):
+    """One channel's receiving end and flow control, for :class:`ChannelStream`.
+
+    asyncssh's own streams (``open_connection``) add a general-purpose layer (read locks, separators, datatypes) that
+    a byte pipe does not need and that costs CPU on every packet; this session keeps what a splice needs. Incoming
+    data is buffered up to the channel window, then the channel stops reading, so the node's sshd stops sending once
+    its window is spent: a slow client never makes the gateway buffer more than that.
+    """
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.buffer: deque[bytes] = deque()
+        self.buffered = 0
+        self.eof = False
+        self.error: Exception | None = None
+        self.reading_paused = False
+        self.writing_paused = False
+        self._readable: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered >= CHANNEL_WINDOW and not self.reading_paused and self.chan is not None:
+            self.reading_paused = True
+            self.chan.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        return True  # keep our direction open: the client may still be sending (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        self.eof = True
+        self.writing_paused = False  # nothing will resume it: a writer must not wait any longer
+        self._wake_reader()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_writer()
+
+    def _wake_reader(self) -> None:
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    def _wake_writer(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def wait_readable(self) -> None:
+        self._readable = asyncio.get_running_loop().create_future()
+        await self._readable
+
+    async def wait_writable(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+        await self._writable
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` buffered bytes (the caller checked there are some)."""
+        data = self.buffer.popleft()
+        if len(data) > n:
+            self.buffer.appendleft(data[n:])
+            data = data[:n]
+        elif self.buffer and len(data) + len(self.buffer[0]) <= n:
+            parts, size = [data], len(data)
+            while self.buffer and size + len(self.buffer[0]) <= n:
+                size += len(self.buffer[0])
+                parts.append(self.buffer.popleft())
+            data = b"".join(parts)
+        self.buffered -= len(data)
+        if self.reading_paused and self.buffered < CHANNEL_WINDOW // 2 and self.chan is not None:
+            self.reading_paused = False
+            self.chan.resume_reading()  # may deliver more data right away
+        return data
 
 
 class ChannelStream:
     """A forwarded channel as a :class:`proxy.dialer.Stream`, counting its bytes on the tunnel."""
 
-    def __init__(
-        self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes], counters: Counters,
-        target: str,
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, session: _Session, counters: Counters, target: str) -> None:
+        assert session.chan is not None
+        self._session = session
+        self._chan = session.chan
         self._counters = counters
         self._closed = False
         self.target = target
         counters.open_channels += 1
         counters.channels_total += 1
 
+    def _broke(self, exc: BaseException) -> StreamError:
+        return StreamError(f"channel to {self.target} broke: {_describe(exc)}")
+
     async def read(self, n: int = READ_SIZE) -> bytes:
-        try:
-            data = await self._reader.read(n)
-        except (asyncssh.Error, OSError) as exc:
-            raise StreamError(f"channel to {self.target} broke: {_describe(exc)}") from exc
+        session = self._session
+        while not session.buffer:
+            if session.error is not None:
+                raise self._broke(session.error)  # never a clean end: the tunnel or the channel failed
+            if session.eof:
+                return b""
+            await session.wait_readable()
+        data = session.take(n)
         self._counters.bytes_in += len(data)
         return data
 
     async def write(self, data: bytes) -> None:
+        session = self._session
+        if session.error is not None:
+            raise self._broke(session.error)
         try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
-            raise StreamError(f"channel to {self.target} broke: {_describe(exc)}") from exc
+            self._chan.write(data)
+        except (asyncssh.Error, OSError) as exc:  # BrokenPipeError: the channel is closing
+            raise self._broke(exc) from exc
+        while session.writing_paused and session.error is None:
+            await session.wait_writable()  # the node's window is spent, or our send buffer is full
+        if session.error is not None:
+            raise self._broke(session.error)
         self._counters.bytes_out += len(data)
 
     def write_eof(self) -> None:
         try:
-            if self._writer.can_write_eof():
-                self._writer.write_eof()
+            if self._chan.can_write_eof():
+                self._chan.write_eof()
         except (asyncssh.Error, OSError):
             pass
 
@@ -263,5 +360,4 @@ class ChannelStream:
             return
         self._closed = True
         self._counters.open_channels -= 1
-        self._writer.close()
-
+        self._chan.close()
