@@ -27,6 +27,7 @@ from typing import Any
 import h11
 
 log = logging.getLogger("proxy.server")
+audit = logging.getLogger("proxy.audit")
 
 READ = 256 * 1024
 BACKLOG = 1024
@@ -214,6 +215,9 @@ class Server:
         self._handler = handler
         self.limits = limits
         self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
+        self._accepting: set[asyncio.Task[None]] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._socket_paths: list[Path] = []
@@ -225,15 +229,58 @@ class Server:
 
     async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         """Listen on TCP (TLS when ``tls`` is given); returns the bound port."""
-        server = await asyncio.start_server(
-            self._accept, host, port, ssl=tls, limit=READ, reuse_address=True, backlog=BACKLOG,
-            ssl_handshake_timeout=self.limits.header_timeout if tls is not None else None,
-        )
-        self._servers.append(server)
-        bound = server.sockets[0].getsockname()[1]
+        if tls is None:
+            server = await asyncio.start_server(self._accept, host, port, limit=READ, reuse_address=True,
+                                                backlog=BACKLOG)
+            self._servers.append(server)
+            bound = int(server.sockets[0].getsockname()[1])
+        else:
+            # TLS listeners accept here and hand each socket to connect_accepted_socket, which performs the handshake
+            # and raises if it fails: asyncio's own TLS server drops a failed handshake without a word, and a refused
+            # client certificate belongs in the audit log.
+            listener = await _listening_socket(host, port)
+            bound = int(listener.getsockname()[1])
+            self._listeners.append(listener)
+            self._accepting.add(asyncio.create_task(self._accept_tls(listener, tls), name=f"{self.name}:accept"))
         self.ports.append(bound)
         log.info("%s listening on %s:%d%s", self.name, host, bound, " (TLS)" if tls else "")
-        return int(bound)
+        return bound
+
+    async def _accept_tls(self, listener: socket.socket, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, for instance: keep accepting once it clears
+                log.warning("%s: accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handshake(conn, tls))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, tls: ssl.SSLContext) -> None:
+        """TLS server handshake within ``header_timeout``, then serve; a failed one is audited and dropped."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            peername = conn.getpeername()
+            peer = f"{peername[0]}:{peername[1]}"
+        except OSError:
+            peer = "unknown"
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=self.limits.header_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            # A refused certificate is a warning; a peer that hung up or stalled (port scans, TCP health checks) is not.
+            level = logging.WARNING if "CERTIFICATE" in str(why).upper() else logging.INFO
+            audit.log(level, "%s: TLS handshake refused: %s", self.name, why, extra={"peer": peer, "front": self.name})
+            conn.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._accept(reader, writer)
 
     async def listen_unix(self, path: Path, mode: int) -> None:
         """Listen on a unix socket created with ``mode`` (its permissions are the access control)."""
@@ -287,6 +334,11 @@ class Server:
     async def stop_accepting(self) -> None:
         for server in self._servers:
             server.close()
+        for task in self._accepting:
+            task.cancel()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for path in self._socket_paths:
             path.unlink(missing_ok=True)
 
@@ -297,7 +349,7 @@ class Server:
             await asyncio.wait(set(self._tasks), timeout=grace)
         for writer in list(self._writers):
             writer.transport.abort()
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._handshakes, *self._accepting]:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=1.0)
@@ -305,6 +357,27 @@ class Server:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+
+
+async def _listening_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket listening on ``host:port`` (first address ``host`` resolves to)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)
+    if not infos:
+        raise OSError(f"cannot resolve {host!r}")
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _peer(writer: asyncio.StreamWriter) -> Peer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -307,7 +308,9 @@ async def test_curl_through_the_unix_socket_reaches_a_kubelet(cluster: DevCluste
 
 
 @pytest.mark.both_loops
-async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[str, Path]) -> None:
+async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[str, Path],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.audit")
     tls = TLSServerSettings(mtls["server.crt"], mtls["server.key"], mtls["ca.crt"])
     gw = await started(egress_config(cluster, None, listen="127.0.0.1:0", tls=tls))
     try:
@@ -328,5 +331,18 @@ async def test_curl_through_mutual_tls_listener(cluster: DevCluster, mtls: dict[
                              str(mtls["foreign.key"]), url, timeout=15)
         assert foreign.returncode != 0 and foreign.stdout == b""
         assert gw.pool.tunnels[node.name].counters.channels_total == before
+        # both refusals are in the audit log, with the peer and the reason
+        refused = [r for r in caplog.records if r.name == "proxy.audit" and "TLS handshake refused" in r.getMessage()]
+        assert len(refused) == 2 and all(r.levelno == logging.WARNING for r in refused), refused
+        assert all(getattr(r, "peer", "").startswith("127.0.0.1:") for r in refused)
+        reasons = " ".join(r.getMessage() for r in refused)
+        assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reasons and "CERTIFICATE_VERIFY_FAILED" in reasons, reasons
+        # a bare TCP connect and close (a port scan, a load balancer's check) is noted at info, not warned about
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        w.close()
+        await wait_for(lambda: len([r for r in caplog.records if "TLS handshake refused" in r.getMessage()]) == 3,
+                       what="the third refusal logged")
+        third = [r for r in caplog.records if "TLS handshake refused" in r.getMessage()][2]
+        assert third.levelno == logging.INFO, third.getMessage()
     finally:
         await gw.stop()
