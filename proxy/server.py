@@ -255,6 +255,12 @@ class Server:
                 log.warning("%s: accept failed: %s", self.name, exc)
                 await asyncio.sleep(0.1)
                 continue
+            if len(self._handshakes) >= self.limits.max_connections:
+                # Handshakes under way are bounded too (slow TLS clients); with no TLS yet there is no 503 to send.
+                log.warning("%s: %d TLS handshakes under way (limits.max_connections); closing a new connection",
+                            self.name, len(self._handshakes))
+                conn.close()
+                continue
             task = asyncio.create_task(self._handshake(conn, tls))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -18,12 +19,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import h11
 import pytest
 
+from certs.files import write_secret
+from proxy.server import Exchange, Limits, Server
 from tests import rawhttp
 from tunneld.app import Gateway
 from tunneld.config import Config, EgressSettings, LimitSettings, PolicySettings, ProxySettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
+from tunneld.dev.pki import DevCA, server_context
 
 from .conftest import fast_config, started
 
@@ -247,3 +252,42 @@ async def test_egress_socket_refuses_peers_without_permission(cluster: DevCluste
         assert member == "403", "a peer in the socket's group is let in (and then judged by policy)"
     finally:
         await gw.stop(0.0)
+
+
+@pytest.mark.both_loops
+async def test_tls_handshakes_under_way_are_bounded(short_dir: Path) -> None:
+    """Clients that connect to a TLS listener and never say hello hold handshakes, not the listener: past
+    ``max_connections`` of them a new connection is closed at once; once they go, TLS clients are served again."""
+    ca = DevCA("abuse test CA")
+    issued = ca.issue_serving("front", ["127.0.0.1"])
+    (short_dir / "s.crt").write_bytes(issued.cert_pem)
+    write_secret(short_dir / "s.key", issued.key_pem)
+    client_tls = ssl.create_default_context(cadata=ca.cert_pem.decode())
+
+    async def hello(ex: Exchange) -> None:
+        if await ex.request() is not None:
+            await ex.send(h11.Response(status_code=200, headers=[("Content-Length", "2")]), h11.Data(data=b"ok"),
+                          h11.EndOfMessage())
+
+    server = Server("tls-test", hello, Limits(max_connections=3, header_timeout=20))
+    port = await server.listen_tcp("127.0.0.1", 0, server_context(short_dir / "s.crt", short_dir / "s.key"))
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.3)  # accepted: three handshakes under way, waiting for a hello that never comes
+        extra_reader, extra = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(extra_reader.read(), 5) == b""  # closed at once, no handshake
+        extra.close()
+        for _, writer in silent:
+            writer.close()
+        async with asyncio.timeout(10):
+            while True:  # the silent clients' handshakes end as they hang up
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
+                    break
+                except (ConnectionError, ssl.SSLError):
+                    await asyncio.sleep(0.1)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.read(4096)).endswith(b"\r\n\r\nok")
+        writer.close()
+    finally:
+        await server.close()
