@@ -285,6 +285,9 @@ class Server:
             audit.log(level, "%s: TLS handshake refused: %s", self.name, why, extra={"peer": peer, "front": self.name})
             conn.close()
             return
+        except asyncio.CancelledError:  # shutting down mid-handshake
+            conn.close()
+            raise
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await self._accept(reader, writer)
 
