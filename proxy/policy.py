@@ -7,11 +7,10 @@ service's cluster IP or endpoint, and its port is one allowed for that kind of h
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from proxy.cidr import IPNetwork, NetworkTable
+from proxy.cidr import IPNetwork, NetworkTable, host_key
 from proxy.dialer import DestinationNotAllowed
 
 
@@ -58,9 +57,7 @@ class Policy:
 
     def check(self, host: str, port: int) -> None:
         """Raise :class:`DestinationNotAllowed` unless ``host:port`` is allowed."""
-        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        ip = _ip(bare)
-        key = str(ip) if ip is not None else bare.lower().rstrip(".")
+        key, ip = host_key(host)
         kubelet_port = self.node_hosts.get(key)
         if kubelet_port is not None:
             if port == kubelet_port or port in self.node_ports:
@@ -76,11 +73,4 @@ class Policy:
         if ports is not None:
             raise DestinationNotAllowed(f"port {port} is not a port of the service at {host}")
         raise DestinationNotAllowed(f"{host} is not a node, pod or service address of this cluster")
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
 

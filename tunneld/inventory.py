@@ -6,11 +6,10 @@ reconnect the changed, leave the unchanged alone).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from proxy.cidr import NetworkTable
+from proxy.cidr import NetworkTable, host_key
 from tunneld.config import Node
 
 
@@ -53,12 +52,8 @@ class OwnerIndex:
 
     def owner(self, host: str) -> Node | None:
         """The node owning ``host`` (a name or an IP literal, brackets allowed), or None."""
-        key = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
-            ip = ipaddress.ip_address(key)
-        except ValueError:
-            return self._by_key.get(key.lower().rstrip("."))
-        node = self._by_key.get(str(ip))
-        if node is not None:
+        key, ip = host_key(host)
+        node = self._by_key.get(key)
+        if node is not None or ip is None:
             return node
         return self._cidrs.lookup(ip)
