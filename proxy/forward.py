@@ -125,12 +125,16 @@ class _Upstream:
         if data:
             await self.stream.write(data)
 
+    async def fill(self) -> None:
+        """Feed h11 the next chunk from the upstream (``b""`` at its end)."""
+        self.conn.receive_data(await self.stream.read(READ))
+
     async def next(self) -> Any:
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            self.conn.receive_data(await self.stream.read(READ))
+            await self.fill()
 
 
 async def forward(
@@ -201,7 +205,7 @@ async def forward(
                 if events:
                     await ex.send(*events)
                     events = []
-                upstream.conn.receive_data(await stream.read(READ))
+                await upstream.fill()
             elif isinstance(event, h11.Data):
                 events.append(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
