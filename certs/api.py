@@ -48,6 +48,10 @@ class Unauthorized(Exception):
     """No valid credentials (HTTP 401)."""
 
 
+class BadRequest(Exception):
+    """The request body cannot be read as JSON (HTTP 400)."""
+
+
 def status(code: int, reason: str, message: str) -> web.Response:
     """A ``metav1.Status`` failure response."""
     body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
@@ -122,6 +126,8 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         except Forbidden as exc:
             _refused(request, 403, str(exc))
             return status(403, "Forbidden", str(exc))
+        except BadRequest as exc:
+            return status(400, "BadRequest", str(exc))
         except NotFound as exc:
             return status(404, "NotFound", str(exc))
         except AlreadyExists as exc:
@@ -153,14 +159,11 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         try:
             return json.loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise web.HTTPBadRequest(reason="Bad Request") from exc
+            raise BadRequest("the body is not valid JSON") from exc
 
     async def create(request: web.Request) -> web.Response:
         who = await caller(request)
-        try:
-            data = await body(request)
-        except web.HTTPBadRequest:
-            return status(400, "BadRequest", "the body is not valid JSON")
+        data = await body(request)
         csr = await service.create(who, data)
         return web.json_response(csr.to_dict(), status=201)
 
@@ -176,10 +179,7 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
 
     async def approval(request: web.Request) -> web.Response:
         who = await caller(request)
-        try:
-            data = await body(request)
-        except web.HTTPBadRequest:
-            return status(400, "BadRequest", "the body is not valid JSON")
+        data = await body(request)
         csr = await service.approval_from_body(who, request.match_info["name"], data)
         return web.json_response(csr.to_dict())
 
