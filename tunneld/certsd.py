@@ -41,9 +41,7 @@ ADMIN_PREFIX = "/certs"
 def open_store(settings: CSRSettings) -> Store:
     """The configured CSR store (``[csr] store``)."""
     if settings.store == "etcd":
-        tls = None
-        if any(e.startswith("https://") for e in settings.etcd_endpoints):
-            tls = client_tls(settings.etcd_ca, settings.etcd_cert, settings.etcd_key)
+        tls = client_tls(settings.etcd_ca, settings.etcd_cert, settings.etcd_key) if settings.etcd_https else None
         return EtcdStore(settings.etcd_endpoints, settings.etcd_prefix, tls=tls)
     return SQLiteStore(settings.sqlite_path)
 

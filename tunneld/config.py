@@ -205,6 +205,11 @@ class CSRSettings:
     """Client certificate for etcd's client-cert-auth (with ``etcd_key``)."""
     etcd_key: Path | None = None
 
+    @property
+    def etcd_https(self) -> bool:
+        """Whether any etcd endpoint is https (the TLS options apply)."""
+        return any(e.startswith("https://") for e in self.etcd_endpoints)
+
 
 @dataclass(frozen=True)
 class ServicePort:
@@ -802,7 +807,7 @@ def _certs(c: _Section, a: _Section, au: _Section, cs: _Section, problems: list[
     if (csr.etcd_cert is None) != (csr.etcd_key is None):
         cs.problem("etcd_cert" if csr.etcd_cert is None else "etcd_key", "etcd_cert and etcd_key go together")
     tls_options = [k for k in ("etcd_ca", "etcd_cert", "etcd_key") if getattr(csr, k) is not None]
-    if tls_options and not any(e.startswith("https://") for e in csr.etcd_endpoints):
+    if tls_options and not csr.etcd_https:
         cs.problem(tls_options[0], "only used with https:// etcd_endpoints")
     if not csr.etcd_prefix.startswith("/"):
         cs.problem("etcd_prefix", "must start with /")
