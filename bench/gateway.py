@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from tunneld.localapi import UnixHTTPConnection
+from tunneld.cli.localapi import UnixHTTPConnection
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ unix socket the peer's uid from ``SO_PEERCRED`` (:func:`local_authenticator`), f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -233,7 +234,7 @@ class APIServer:
         site = web.TCPSite(self._runner, host, port, ssl_context=context)
         await site.start()
         server = site._server
-        if server is not None and getattr(server, "sockets", None):
+        if isinstance(server, asyncio.Server) and server.sockets:
             self.port = server.sockets[0].getsockname()[1]
         log.info("certificates API listening", extra={"host": host, "port": self.port, "tls": context is not None})
 

@@ -59,7 +59,7 @@ def spki_pin(cert: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: PrivateKey) -> hashes.SHA256:
     return hashes.SHA256()
 
 

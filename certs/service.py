@@ -237,7 +237,7 @@ class CertService:
                 await self._audit(csr.name, "failed", "signer", "SignerValidationFailure", why)
             else:
                 try:
-                    await update_csr(self.store, csr.name, lambda c, pem=pem: c.set_certificate(pem))
+                    await update_csr(self.store, csr.name, _with_certificate(pem))
                 except ConditionConflict:
                     continue  # another master issued it first
                 serial = x509.load_pem_x509_certificate(pem).serial_number
@@ -292,3 +292,11 @@ def _count(csrs: Iterable[CSR]) -> dict[str, int]:
     counts.update(Counter(c.state for c in csrs))
     return counts
 
+
+def _with_certificate(pem: bytes) -> Callable[[CSR], None]:
+    """The store update that records ``pem`` as the CSR's issued certificate."""
+
+    def update(csr: CSR) -> None:
+        csr.set_certificate(pem)
+
+    return update

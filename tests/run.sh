@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs (as root on Debian: OpenSSH server and client, iproute2, curl, etcd, systemd's
-# analyzer, iptables; always: the Python
-# package with its test extras), then run the whole suite. Extra arguments go to pytest.
+# analyzer, iptables; always: the Python package with its test extras), run ruff and mypy (either failing fails the
+# run), then the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,4 +24,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# Lint and type checks fail the run like a failing test.
+python3 -m ruff check .
+python3 -m mypy tunneld proxy certs netnames
 exec python3 -m pytest "$@"

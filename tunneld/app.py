@@ -11,6 +11,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from netnames import is_loopback, split_host_port
 from proxy.apiproxy import APIProxyFront
 from proxy.connect import ConnectFront
 from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
@@ -18,15 +19,16 @@ from proxy.policy import Policy, PortSet
 from proxy.server import Limits, Server
 from tunneld import __version__
 from tunneld.certsd import CertsDaemon
-from tunneld.config import Config, Node, is_loopback, load_checked, split_host_port
-from tunneld.dialer import TunnelDialer
-from tunneld.health import HealthChecks, TunnelSync
-from tunneld.inventory import InventoryDiff
-from tunneld.k8s_inventory import KubeInventory, merge_nodes
-from tunneld.metrics import InstrumentedDialer, Metrics
-from tunneld.pool import Pool
-from tunneld.status import StatusServer, make_app
+from tunneld.config import Config, Node, load_checked
+from tunneld.ops.metrics import InstrumentedDialer, Metrics
+from tunneld.ops.readiness import HealthChecks, TunnelSync
+from tunneld.ops.status import StatusServer, make_app
 from tunneld.tlsfiles import TLSFiles
+from tunneld.tunnels.dialer import TunnelDialer
+from tunneld.tunnels.inventory import InventoryDiff
+from tunneld.tunnels.k8s_nodes import merge_nodes
+from tunneld.tunnels.k8s_watch import KubeInventory
+from tunneld.tunnels.pool import Pool
 
 log = logging.getLogger("tunneld")
 

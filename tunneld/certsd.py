@@ -30,7 +30,8 @@ from certs.signers import NodeInventory
 from certs.sqlite_store import SQLiteStore
 from certs.store import Store
 from certs.tokens import load_token_file
-from tunneld.config import APISettings, Config, CSRSettings, Node, split_host_port
+from netnames import split_host_port
+from tunneld.config import APISettings, Config, CSRSettings, Node
 
 log = logging.getLogger("tunneld.certs")
 

@@ -18,10 +18,10 @@ from typing import TypeVar
 import pytest
 
 from certs.files import write_secret
+from tunneld.cli.localapi import UnixHTTPConnection
 from tunneld.config import Config, EgressSettings, PolicySettings, TLSServerSettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
 from tunneld.dev.pki import DevCA
-from tunneld.localapi import UnixHTTPConnection
 
 from ..curl import curl
 from ..relay import unix_relay

@@ -18,16 +18,10 @@ from tunneld.app import Gateway
 from tunneld.config import Config, KubernetesInventorySettings, Node, StatusSettings, load_config
 from tunneld.dev.cluster import HEALTHZ_PORT, KUBELET_PORT, DevCluster
 from tunneld.errors import ConfigError
-from tunneld.k8s_inventory import (
-    KubeAuthError,
-    KubeInventory,
-    NodeCache,
-    SkipNode,
-    merge_nodes,
-    node_from_object,
-)
-from tunneld.probe import http_get
-from tunneld.state import Backoff
+from tunneld.tunnels.k8s_nodes import KubeAuthError, NodeCache, SkipNode, merge_nodes, node_from_object
+from tunneld.tunnels.k8s_watch import KubeInventory
+from tunneld.tunnels.probe import http_get
+from tunneld.tunnels.state import Backoff
 
 from .conftest import next_base, states
 

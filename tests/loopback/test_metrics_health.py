@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.dialer import NoTunnel
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
-from tunneld.probe import http_get
+from tunneld.tunnels.probe import http_get
 
 from .conftest import fast_config, started, states, wait_for
 

@@ -12,12 +12,12 @@ import pytest
 from aiohttp import ClientSession, UnixConnector
 
 from proxy.dialer import ChannelRefused, NoTunnel, TunnelDown
-from tunneld import ssh
 from tunneld.app import Gateway
 from tunneld.config import Node, SSHSettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
 from tunneld.dev.sshnode import SSHMaterial
-from tunneld.probe import http_get
+from tunneld.tunnels import ssh
+from tunneld.tunnels.probe import http_get
 
 from .conftest import all_up, fast_config, started, states, wait_for
 

@@ -1,6 +1,7 @@
 """What the gateway puts on the wire per channel: no ``SSH_MSG_IGNORE`` padding under AEAD ciphers, kept otherwise.
 
-A test-local asyncssh server restricted to one cipher; the client is the gateway's own :func:`tunneld.ssh.connect`.
+A test-local asyncssh server restricted to one cipher; the client is the gateway's own
+:func:`tunneld.tunnels.ssh.connect`.
 Packets sent are counted by the connection's send sequence number (one per packet, RFC 4253 section 6.4).
 """
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from tunneld import ssh
 from tunneld.config import Node, SSHSettings
+from tunneld.tunnels import ssh
 
 from .conftest import next_base
 

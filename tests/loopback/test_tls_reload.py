@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 
 from certs.files import write_secret
+from netnames import split_host_port
 from tunneld.app import Gateway
-from tunneld.config import load_config, split_host_port
+from tunneld.config import load_config
 from tunneld.dev.cluster import DevCluster
 from tunneld.dev.pki import DevCA
 from tunneld.errors import ConfigError

@@ -4,7 +4,7 @@ import ipaddress
 from pathlib import Path
 
 from tunneld.config import Node
-from tunneld.inventory import OwnerIndex, diff
+from tunneld.tunnels.inventory import OwnerIndex, diff
 
 
 def node(name: str, address: str, **kw: object) -> Node:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tunneld import logs
+from tunneld.ops import logs
 
 PEM = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"
        "-----END OPENSSH PRIVATE KEY-----\n")

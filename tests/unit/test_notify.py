@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunneld.notify import Notifier, watchdog_interval
+from tunneld.ops.notify import Notifier, watchdog_interval
 
 
 def _fields(datagram: bytes) -> dict[str, str]:

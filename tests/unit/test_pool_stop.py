@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from tunneld import ssh
 from tunneld.config import HealthSettings, Node, SSHSettings
 from tunneld.errors import ConnectFailed
-from tunneld.pool import Pool
+from tunneld.tunnels import ssh
+from tunneld.tunnels.pool import Pool
 
 
 async def test_close_returns_even_if_a_connect_swallows_the_cancellation() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tunneld.state import TRANSITIONS, Backoff, Event, InvalidTransition, State, TunnelStateMachine
+from tunneld.tunnels.state import TRANSITIONS, Backoff, Event, InvalidTransition, State, TunnelStateMachine
 
 
 class FakeClock:

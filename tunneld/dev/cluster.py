@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunneld import render
 from tunneld.app import Gateway
+from tunneld.cli import render
 from tunneld.config import load_config
 from tunneld.dev.kubelet import KubeletSim, SimPod
 from tunneld.dev.pki import DevCA, server_context
 from tunneld.dev.sshnode import SimNode, SSHMaterial
-from tunneld.lifecycle import Signals
-from tunneld.probe import ProbeFailed, http_get
+from tunneld.ops.lifecycle import Signals
+from tunneld.tunnels.probe import ProbeFailed, http_get
 
 HEALTHZ_PORT = 10248
 KUBELET_PORT = 10250

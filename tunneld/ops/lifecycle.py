@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from tunneld.errors import ConfigError
-from tunneld.notify import Notifier, Watchdog, watchdog_interval
+from tunneld.ops.notify import Notifier, Watchdog, watchdog_interval
 
 log = logging.getLogger("tunneld")
 

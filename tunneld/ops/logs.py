@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Mapping
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is context worth printing.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -66,7 +67,9 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{ms:03d}Z"
 
 
-def _fields(formatter: logging.Formatter, record: logging.LogRecord, context: dict[str, object]) -> dict[str, object]:
+def _fields(
+    formatter: logging.Formatter, record: logging.LogRecord, context: Mapping[str, object]
+) -> dict[str, object]:
     """The event's fields in order (time, level, logger, message, context, exception), each string redacted."""
     fields: dict[str, object] = {
         "ts": _timestamp(record),

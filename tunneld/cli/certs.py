@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
+from tunneld.cli.localapi import UnixHTTPConnection, load_or_exit
 from tunneld.config import Config
-from tunneld.localapi import UnixHTTPConnection, load_or_exit
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
 DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"

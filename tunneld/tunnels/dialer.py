@@ -12,8 +12,8 @@ import random
 
 from tunneld.config import DialSettings
 from tunneld.errors import NoTunnel
-from tunneld.pool import Pool
-from tunneld.ssh import ChannelStream
+from tunneld.tunnels.pool import Pool
+from tunneld.tunnels.ssh import ChannelStream
 
 log = logging.getLogger("tunneld.dialer")
 

@@ -21,8 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy.dialer import Dialer, DialError, Stream
-from tunneld.pool import Pool, Tunnel
-from tunneld.state import State
+from tunneld.tunnels.pool import Pool, Tunnel
+from tunneld.tunnels.state import State
 
 log = logging.getLogger("tunneld.metrics")
 

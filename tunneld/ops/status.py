@@ -1,8 +1,8 @@
 """The local status API (aiohttp): what operators, ``tunneld status`` and Prometheus read.
 
 ``GET /tunnels`` -> ``{"gateway": {...}, "tunnels": [...]}``; ``GET /tunnels/{node}`` -> one tunnel;
-``GET /livez``, ``/readyz``, ``/healthz`` (``?verbose``, see :mod:`tunneld.health`); ``GET /metrics`` (Prometheus
-text format, see :mod:`tunneld.metrics`). Served on a unix socket (default) and/or a loopback TCP address.
+``GET /livez``, ``/readyz``, ``/healthz`` (``?verbose``, see :mod:`tunneld.ops.readiness`); ``GET /metrics`` (Prometheus
+text format, see :mod:`tunneld.ops.metrics`). Served on a unix socket (default) and/or a loopback TCP address.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
+from netnames import split_host_port
 from proxy.server import prepare_socket_path
-from tunneld.config import StatusSettings, split_host_port
-from tunneld.health import HealthChecks
-from tunneld.metrics import CONTENT_TYPE, Metrics
-from tunneld.pool import Pool
+from tunneld.config import StatusSettings
+from tunneld.ops.metrics import CONTENT_TYPE, Metrics
+from tunneld.ops.readiness import HealthChecks
+from tunneld.tunnels.pool import Pool
 
 SOCKET_MODE = 0o660
 

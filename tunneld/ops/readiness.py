@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from tunneld.pool import Pool, Tunnel
-from tunneld.state import State
+from tunneld.tunnels.pool import Pool, Tunnel
+from tunneld.tunnels.state import State
 
 Check = Callable[[], str | None]
 """A check returns None when it passes, or the reason it fails."""

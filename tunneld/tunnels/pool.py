@@ -2,10 +2,10 @@
 
 Each :class:`Tunnel` runs a supervisor task: connect (holding one of a bounded number of connect slots, so thousands
 of nodes do not stampede their sshds or our CPU), probe health periodically while connected, and on failure wait an
-exponential, jittered backoff before the next attempt. All state lives in a :class:`~tunneld.state.TunnelStateMachine`;
+exponential, jittered backoff before the next attempt. All state lives in a :class:`~.state.TunnelStateMachine`;
 this module performs the I/O the machine's states call for.
 
-:meth:`Pool.apply` takes a whole new inventory: it first decides (a pure :func:`~tunneld.inventory.diff`), then acts:
+:meth:`Pool.apply` takes a whole new inventory: it first decides (a pure :func:`~.inventory.diff`), then acts:
 added nodes connect, removed nodes drain and close, changed nodes reconnect, unchanged tunnels are not touched.
 """
 
@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tunneld import ssh
 from tunneld.config import HealthSettings, Node, SSHSettings
 from tunneld.errors import AuthFailed, ConnectFailed, HostKeyRejected, Overloaded, TunnelDown, TunnelUnavailable
-from tunneld.inventory import InventoryDiff, OwnerIndex, diff
-from tunneld.probe import ProbeFailed, probe
-from tunneld.state import Backoff, Event, State, TunnelStateMachine
+from tunneld.tunnels import ssh
+from tunneld.tunnels.inventory import InventoryDiff, OwnerIndex, diff
+from tunneld.tunnels.probe import ProbeFailed, probe
+from tunneld.tunnels.state import Backoff, Event, State, TunnelStateMachine
 
 log = logging.getLogger("tunneld.pool")
 

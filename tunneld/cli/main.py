@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from tunneld import __version__, render
-from tunneld.localapi import UnixHTTPConnection, load_or_exit
+from tunneld import __version__
+from tunneld.cli import render
+from tunneld.cli.localapi import UnixHTTPConnection, load_or_exit
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
 DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
@@ -39,14 +40,14 @@ def check_config(config: str) -> None:
 def serve(config: str, grace: float) -> None:
     """Run the gateway daemon."""
     cfg = load_or_exit(config)  # before the heavy imports: a bad file is refused at once
-    from tunneld import lifecycle, logs
     from tunneld.app import Gateway
+    from tunneld.ops import lifecycle, logs
 
     logs.setup(cfg.log_level, cfg.log_format)
 
     from certs.ca import CAError
     from certs.store import StoreError
-    from tunneld.k8s_inventory import KubeInventoryError
+    from tunneld.tunnels.k8s_watch import KubeInventoryError
 
     async def main_() -> None:
         await lifecycle.serve(Gateway(cfg), grace)
@@ -71,8 +72,8 @@ def serve(config: str, grace: float) -> None:
 def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool, proxy_port: int | None,
         log_level: str) -> None:
     """Start N simulated nodes and a gateway against them (nothing outside this package needed)."""
-    from tunneld import lifecycle, logs
     from tunneld.dev import cluster
+    from tunneld.ops import lifecycle, logs
 
     logs.setup(log_level)
     code = lifecycle.run(cluster.run(nodes, ssh_port, base_address, workdir, check, proxy_port))
@@ -129,22 +130,3 @@ def status(node: str | None, socket_path: str, output: str, watch: bool, interva
         return
     title = "tunneld status" + (f" {node}" if node else "")
     render.watch(con, view, title, interval, count, live=output != "json")
-
-
-from tunneld.cli_node import bootstrap as _bootstrap_command  # noqa: E402  (node-side commands: own module)
-from tunneld.cli_node import ssh as _ssh_group  # noqa: E402
-
-main.add_command(_bootstrap_command)
-main.add_command(_ssh_group)
-
-from tunneld.cli_certs import ca as _ca_group  # noqa: E402  (administrators' certificate commands: own module)
-from tunneld.cli_certs import csr as _csr_group  # noqa: E402
-from tunneld.cli_certs import token as _token_group  # noqa: E402
-
-main.add_command(_ca_group)
-main.add_command(_token_group)
-main.add_command(_csr_group)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -37,5 +37,6 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         sock.connect(self._path)
         self.sock = sock
-        if self._tunnel_host:  # as http.client does over TCP: CONNECT first
-            self._tunnel()
+        # As http.client does over TCP: CONNECT first when set_tunnel() was called (its attributes are not typed).
+        if self._tunnel_host:  # type: ignore[attr-defined]  # set by http.client's set_tunnel()
+            self._tunnel()  # type: ignore[attr-defined]  # http.client's own CONNECT step

@@ -1,0 +1,12 @@
+"""The ``tunneld`` command line: the daemon's commands (:mod:`.main`), the certificate administrators' commands
+(:mod:`.certs`), the node-side commands (:mod:`.node`), terminal rendering (:mod:`.render`) and the client of the
+daemon's local API (:mod:`.localapi`)."""
+
+from tunneld.cli.certs import ca, csr, token
+from tunneld.cli.main import main
+from tunneld.cli.node import bootstrap, ssh
+
+for _command in (bootstrap, ssh, ca, token, csr):
+    main.add_command(_command)
+
+__all__ = ["main"]

@@ -1,0 +1,122 @@
+"""Loaders for the fronts' sections: ``[egress]``, ``[proxy]`` (with their TLS keys) and ``[[services]]``."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any
+
+from netnames import is_loopback, split_host_port
+from tunneld.config.reader import Section
+from tunneld.config.schema import EgressSettings, ProxySettings, ServicePort, ServiceSettings, TLSServerSettings
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+def tls_keys(sec: Section, problems: list[str], require_client_ca: bool) -> TLSServerSettings | None:
+    cert, key, ca = sec.path("tls_cert", None), sec.path("tls_key", None), sec.path("client_ca", None)
+    if cert is None and key is None:
+        if ca is not None:
+            sec.problem("client_ca", "needs tls_cert and tls_key")
+        return None
+    if cert is None or key is None:
+        sec.problem("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+        return None
+    if require_client_ca and ca is None:
+        sec.problem("client_ca", "required: callers must present a client certificate signed by this CA")
+    return TLSServerSettings(cert, key, ca)
+
+
+def listener_sections(e: Section, p: Section, problems: list[str]) -> tuple[EgressSettings, ProxySettings]:
+    mode_text = e.get("socket_mode", str, "0600")
+    try:
+        mode = int(mode_text, 8)
+        if mode & ~0o777:
+            raise ValueError
+    except ValueError:
+        e.problem("socket_mode", f"{mode_text!r} is not an octal file mode such as \"0600\" or \"0660\"")
+        mode = 0o600
+    if mode & 0o007:
+        e.problem("socket_mode", "must not give access to others (use a group: 0660)")
+    egress = EgressSettings(
+        socket=e.path("socket", None), socket_mode=mode, listen=e.get("listen", str, None),
+        tls=tls_keys(e, problems, require_client_ca=True),
+    )
+    if egress.listen is not None:
+        try:
+            split_host_port(egress.listen)
+        except ValueError as exc:
+            e.problem("listen", str(exc))
+        if egress.tls is None:
+            e.problem("listen", "needs tls_cert, tls_key and client_ca (the TCP egress front is mutual TLS only)")
+    e.unknown()
+    proxy = ProxySettings(
+        listen=p.get("listen", str, None),
+        tls=tls_keys(p, problems, require_client_ca=False),
+        target_certificate_authority=p.path("target_certificate_authority", None),
+        pods_refresh=p.number("pods_refresh", 30.0),
+    )
+    if proxy.listen is not None:
+        try:
+            host, _ = split_host_port(proxy.listen)
+        except ValueError as exc:
+            p.problem("listen", str(exc))
+        else:
+            if not is_loopback(host) and (proxy.tls is None or proxy.tls.client_ca is None):
+                p.problem("listen", f"{host} is not loopback: serving it needs tls_cert, tls_key and client_ca")
+    p.unknown()
+    return egress, proxy
+
+
+def services_section(raw: list[Any], base: Path, problems: list[str]) -> list[ServiceSettings]:
+    services: list[ServiceSettings] = []
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(raw):
+        label = f"services[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{label}: expected a table")
+            continue
+        sec = Section(entry, label, base, problems)
+        name, ns = sec.get("name", str, ""), sec.get("namespace", str, "default")
+        if name:
+            sec.where = label = f"{label} ({ns}/{name})"
+        for key, value in (("name", name), ("namespace", ns)):
+            if not value or not _NAME_RE.match(value):
+                sec.problem(key, "required: a lower-case DNS label")
+        cluster_ip = sec.get("cluster_ip", str, None)
+        endpoints = sec.get("endpoints", list, [])
+        for addr in [cluster_ip, *endpoints] if cluster_ip else endpoints:
+            try:
+                ipaddress.ip_address(addr)
+            except (ValueError, TypeError):
+                sec.problem("endpoints" if addr != cluster_ip else "cluster_ip", f"{addr!r} is not an IP address")
+        if not cluster_ip and not endpoints:
+            sec.problem("endpoints", "a service needs a cluster_ip or endpoints")
+        ports: list[ServicePort] = []
+        for j, port in enumerate(sec.get("ports", list, [])):
+            ps = Section(port if isinstance(port, dict) else {}, f"{label}.ports[{j}]", base, problems)
+            number = ps.port("port", 1) if "port" in ps.data else 0
+            if not number:
+                ps.problem("port", "required")
+            target = ps.port("target_port", number or 1)
+            ports.append(ServicePort(number, target, ps.get("name", str, "")))
+            ps.unknown()
+        if not ports:
+            sec.problem("ports", "at least one port is required")
+        sec.unknown()
+        if (ns, name) in seen:
+            problems.append(f"{label}: defined more than once")
+        seen.add((ns, name))
+        cip = str(ipaddress.ip_address(cluster_ip)) if cluster_ip and _valid_ip(cluster_ip) else None
+        eps = tuple(str(ipaddress.ip_address(a)) for a in endpoints if _valid_ip(a))
+        services.append(ServiceSettings(ns, name, tuple(ports), cip, eps))
+    return services
+
+
+def _valid_ip(value: object) -> bool:
+    try:
+        ipaddress.ip_address(value)  # type: ignore[arg-type]
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,92 @@
+"""Configuration: one TOML file, read once into a frozen, validated :class:`~tunneld.config.schema.Config`.
+
+Every mistake is collected (not just the first) and reported as ``FILE: KEY: message`` so an operator can fix the
+whole file in one pass. Relative paths are resolved against the directory of the file that names them.
+Nodes come from ``[[nodes]]`` tables in the config file and/or in the inventory file named by
+``[inventory] file``; see :mod:`tunneld.config.nodes`. With ``[inventory] source = "kubernetes"`` more nodes come
+from an API server at run time (:mod:`tunneld.tunnels.k8s_watch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tunneld.config.certauth import certs_sections
+from tunneld.config.files import check_files
+from tunneld.config.fronts import listener_sections, services_section
+from tunneld.config.nodes import load_inventory_nodes, parse_nodes
+from tunneld.config.reader import Section, read_toml
+from tunneld.config.schema import Config, Node
+from tunneld.config.sections import (
+    dial_section,
+    health_section,
+    inventory_section,
+    kubelet_section,
+    limits_section,
+    log_section,
+    policy_section,
+    ssh_section,
+    status_section,
+)
+from tunneld.errors import ConfigError
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the config file (and the inventory file it names). Raises :class:`ConfigError`."""
+    path = Path(path).resolve()
+    data = read_toml(path)
+    problems: list[str] = []
+    base = path.parent
+    top = Section(data, "", base, problems)
+
+    def table(name: str) -> Section:
+        return Section(top.get(name, dict, {}), name, base, problems)
+
+    egress, proxy = listener_sections(table("egress"), table("proxy"), problems)
+    ca, api, auth, csr = certs_sections(table("ca"), table("api"), table("auth"), table("csr"), problems)
+    log_level, log_format = log_section(table("log"))
+    inv = table("inventory")
+    inventory_file = inv.path("file", None)
+    inventory_source, kubernetes = inventory_section(inv)
+    inv.unknown()
+    config = Config(
+        path=path, ssh=ssh_section(table("ssh")), health=health_section(table("health")),
+        dial=dial_section(table("dial")), status=status_section(table("status")), egress=egress, proxy=proxy,
+        kubelet=kubelet_section(table("kubelet")), policy=policy_section(table("policy")),
+        limits=limits_section(table("limits")), inventory_file=inventory_file, inventory_source=inventory_source,
+        kubernetes=kubernetes, services=tuple(services_section(top.get("services", list, []), base, problems)),
+        log_level=log_level, log_format=log_format, ca=ca, api=api, auth=auth, csr=csr,
+    )
+    nodes = parse_nodes(top.get("nodes", list, []), base, problems) if "nodes" in data else []
+    top.unknown()
+    found = [f"{path}: {p}" for p in problems]
+    nodes += _inventory_file_nodes(path, inventory_file, nodes, found)
+    if found:
+        raise ConfigError(found)
+    return dataclasses.replace(config, nodes=tuple(nodes))
+
+
+def _inventory_file_nodes(path: Path, inventory_file: Path | None, nodes: list[Node], found: list[str]) -> list[Node]:
+    """The nodes of ``[inventory] file`` (problems, and names the config file defines too, go to ``found``)."""
+    if inventory_file is None:
+        return []
+    try:
+        more = load_inventory_nodes(inventory_file)
+    except ConfigError as exc:
+        found.extend(exc.problems)
+        return []
+    names = {n.name for n in nodes}
+    for dup in sorted({n.name for n in more if n.name in names}):
+        found.append(f"{inventory_file}: node {dup!r} is also defined in {path}")
+    return more
+
+
+def load_checked(path: str | Path) -> Config:
+    """:func:`load_config` plus :func:`~tunneld.config.files.check_files`: what ``check-config``, ``serve`` and
+    reload accept."""
+    config = load_config(path)
+    problems = check_files(config)
+    if problems:
+        raise ConfigError(problems)
+    return config

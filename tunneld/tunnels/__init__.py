@@ -1,0 +1,1 @@
+"""The tunnels: state machine, pool, SSH boundary, probe, dialer and inventory sources."""
