@@ -356,6 +356,9 @@ class Server:
         await self.stop_accepting()
         if self._tasks and grace > 0:
             await asyncio.wait(set(self._tasks), timeout=grace)
+        if self._writers:
+            log.warning("%s: %d connections still open after the %g s grace period: cutting them", self.name,
+                        len(self._writers), grace, extra={"connections": len(self._writers)})
         for writer in list(self._writers):
             writer.transport.abort()
         for task in [*self._tasks, *self._handshakes, *self._accepting]:

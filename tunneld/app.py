@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,8 @@ from proxy.server import Limits, Server
 from tunneld import __version__
 from tunneld.certsd import CertsDaemon
 from tunneld.config import Config, Node, load_checked
+from tunneld.errors import ConfigError
+from tunneld.ops.lifecycle import ReloadLog
 from tunneld.ops.metrics import InstrumentedDialer, Metrics
 from tunneld.ops.readiness import HealthChecks, TunnelSync
 from tunneld.ops.status import StatusServer, make_app
@@ -107,6 +110,7 @@ class Gateway:
         """Extra keyword arguments for :class:`KubeInventory` (tests pass short backoffs here)."""
         self._kube_nodes: list[Node] = []
         self._merge_notes: set[str] = set()
+        self.reloads = ReloadLog()
 
     def csr_counts(self) -> dict[str, int]:
         """Certificate signing requests by state (empty without ``[api]``), refreshed by the signer loop."""
@@ -119,6 +123,8 @@ class Gateway:
     def info(self) -> dict[str, Any]:
         return {
             "version": __version__,
+            "pid": os.getpid(),
+            "reload": self.reloads.snapshot(),
             "config": str(self.config.path) if self.config.path else None,
             "nodes": len(self.pool.tunnels),
             "host_key_check": "disabled" if self.config.ssh.insecure_skip_host_key_check else "strict",
@@ -160,8 +166,21 @@ class Gateway:
     async def reload(self) -> InventoryDiff:
         """Re-read the config file and apply the inventory diff; unchanged tunnels are untouched.
 
-        Raises :class:`~tunneld.errors.ConfigError` (and changes nothing) when the new file is invalid.
+        Raises :class:`~tunneld.errors.ConfigError` (and changes nothing) when the new file is invalid. Every outcome
+        is recorded in :attr:`reloads` (the status API shows it; ``tunneld reload`` waits on it).
         """
+        try:
+            change = await self._reload()
+        except ConfigError as exc:
+            self.reloads.record("refused", exc.problems)
+            raise
+        except Exception as exc:
+            self.reloads.record("failed", [f"{type(exc).__name__}: {exc}"])
+            raise
+        self.reloads.record("reloaded", [])
+        return change
+
+    async def _reload(self) -> InventoryDiff:
         if self.config.path is None:
             raise RuntimeError("configuration was not loaded from a file")
         new = load_checked(self.config.path)

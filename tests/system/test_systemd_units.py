@@ -73,7 +73,8 @@ def test_service_has_what_the_daemon_relies_on() -> None:
     text = (SYSTEMD / "tunneld.service").read_text()
     settings = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
-    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert settings["ExecReload"].startswith("/usr/local/bin/tunneld reload --pid $MAINPID")
+    assert "ConfigurationDirectory" not in settings  # /etc/tunneld is the administrator's (see the unit)
     assert settings["Restart"] == "on-failure" and settings["WatchdogSec"]
     assert settings["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
     assert settings["CapabilityBoundingSet"] == ""

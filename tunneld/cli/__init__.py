@@ -5,8 +5,9 @@ daemon's local API (:mod:`.localapi`)."""
 from tunneld.cli.certs import ca, csr, token
 from tunneld.cli.main import main
 from tunneld.cli.node import bootstrap, ssh
+from tunneld.cli.reload import reload
 
-for _command in (bootstrap, ssh, ca, token, csr):
+for _command in (reload, bootstrap, ssh, ca, token, csr):
     main.add_command(_command)
 
 __all__ = ["main"]

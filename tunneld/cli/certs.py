@@ -18,11 +18,10 @@ from typing import Any
 
 import click
 
-from tunneld.cli.localapi import UnixHTTPConnection, load_or_exit
+from tunneld.cli.localapi import DEFAULT_SOCKET, UnixHTTPConnection, load_or_exit
 from tunneld.config import Config
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
-DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
 CSR_API = "/certs/apis/certificates.k8s.io/v1/certificatesigningrequests"
 
 config_option = click.option("--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True,

@@ -4,12 +4,17 @@ the daemon's local unix socket."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
+from typing import Any
 
 import click
 
 from tunneld.config import Config, load_checked, load_config
 from tunneld.errors import ConfigError
+
+DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
+"""Where the daemon's status API listens unless ``[status] socket`` says otherwise."""
 
 
 def load_or_exit(path: str, *, files: bool = True) -> Config:
@@ -40,3 +45,27 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         # As http.client does over TCP: CONNECT first when set_tunnel() was called (its attributes are not typed).
         if self._tunnel_host:  # type: ignore[attr-defined]  # set by http.client's set_tunnel()
             self._tunnel()  # type: ignore[attr-defined]  # http.client's own CONNECT step
+
+
+def get_json(socket_path: str, path: str) -> Any:
+    """GET ``path`` from the daemon's status API at ``socket_path``; any failure is a one-line ClickException."""
+    conn = UnixHTTPConnection(socket_path, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        msg = f"cannot reach the daemon at {socket_path}: {exc.strerror} (is it running?)"
+        raise click.ClickException(msg) from exc
+    except PermissionError as exc:
+        msg = f"no permission to use {socket_path} (run as root or as the daemon's group)"
+        raise click.ClickException(msg) from exc
+    except OSError as exc:
+        raise click.ClickException(f"talking to {socket_path}: {exc}") from exc
+    finally:
+        conn.close()
+    if resp.status == 404:
+        raise click.ClickException(body.decode().strip())
+    if resp.status != 200:
+        raise click.ClickException(f"daemon answered {resp.status}: {body.decode()[:200]}")
+    return json.loads(body)

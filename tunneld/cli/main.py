@@ -11,10 +11,9 @@ import click
 
 from tunneld import __version__
 from tunneld.cli import render
-from tunneld.cli.localapi import UnixHTTPConnection, load_or_exit
+from tunneld.cli.localapi import DEFAULT_SOCKET, get_json, load_or_exit
 
 DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
-DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
 
 
 @click.group()
@@ -80,29 +79,6 @@ def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, chec
     sys.exit(code)
 
 
-def _get(socket_path: str, path: str) -> Any:
-    conn = UnixHTTPConnection(socket_path, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        body = resp.read()
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        msg = f"cannot reach the daemon at {socket_path}: {exc.strerror} (is it running?)"
-        raise click.ClickException(msg) from exc
-    except PermissionError as exc:
-        msg = f"no permission to use {socket_path} (run as root or as the daemon's group)"
-        raise click.ClickException(msg) from exc
-    except OSError as exc:
-        raise click.ClickException(f"talking to {socket_path}: {exc}") from exc
-    finally:
-        conn.close()
-    if resp.status == 404:
-        raise click.ClickException(body.decode().strip())
-    if resp.status != 200:
-        raise click.ClickException(f"daemon answered {resp.status}: {body.decode()[:200]}")
-    return json.loads(body)
-
-
 @main.command()
 @click.argument("node", required=False)
 @click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, envvar="TUNNELD_SOCKET")
@@ -120,7 +96,7 @@ def status(node: str | None, socket_path: str, output: str, watch: bool, interva
     con = render.console(color)
 
     def view() -> Any:
-        data = _get(socket_path, path)
+        data = get_json(socket_path, path)
         if output == "json":
             return json.dumps(data, indent=None if watch else 2)
         return render.detail(data) if node else render.tunnel_table(data["tunnels"])

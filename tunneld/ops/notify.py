@@ -65,9 +65,9 @@ class Notifier:
         """``RELOADING=1`` with the monotonic timestamp systemd uses to match it to the reload request."""
         return self.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
-    def stopping(self) -> bool:
-        """``STOPPING=1``: shutdown began."""
-        return self.send(STOPPING=1)
+    def stopping(self, status: str | None = None) -> bool:
+        """``STOPPING=1``: shutdown began (with a ``STATUS=`` line if given)."""
+        return self.send(STOPPING=1, **({"STATUS": status} if status else {}))
 
     def status(self, text: str) -> bool:
         """``STATUS=...``: a one-line status shown by ``systemctl status``."""

@@ -1,6 +1,7 @@
 """The local status API (aiohttp): what operators, ``tunneld status`` and Prometheus read.
 
-``GET /tunnels`` -> ``{"gateway": {...}, "tunnels": [...]}``; ``GET /tunnels/{node}`` -> one tunnel;
+``GET /gateway`` -> gateway-wide facts (version, pid, last reload, ...); ``GET /tunnels`` -> ``{"gateway": {...},
+"tunnels": [...]}``; ``GET /tunnels/{node}`` -> one tunnel;
 ``GET /livez``, ``/readyz``, ``/healthz`` (``?verbose``, see :mod:`tunneld.ops.readiness`); ``GET /metrics`` (Prometheus
 text format, see :mod:`tunneld.ops.metrics`). Served on a unix socket (default) and/or a loopback TCP address.
 """
@@ -32,6 +33,9 @@ def make_app(
 ) -> web.Application:
     """Build the status application over ``pool``; ``info`` returns gateway-wide facts."""
 
+    async def gateway(request: web.Request) -> web.Response:
+        return web.json_response(info())
+
     async def tunnels(request: web.Request) -> web.Response:
         return web.json_response({"gateway": info(), "tunnels": pool.snapshot()})
 
@@ -48,6 +52,7 @@ def make_app(
 
     app = web.Application()
     app.add_routes([
+        web.get("/gateway", gateway),
         web.get("/tunnels", tunnels),
         web.get("/tunnels/{name}", tunnel),
     ])
