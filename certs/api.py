@@ -6,6 +6,7 @@ Routes (the JSON shapes are Kubernetes')::
     POST /apis/certificates.k8s.io/v1/certificatesigningrequests           create (201)
     GET  /apis/certificates.k8s.io/v1/certificatesigningrequests           list (admins: all; others: their own)
     GET  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}    get
+    DELETE /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}  delete (admins; a Status "Success")
     PUT  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/approval   approve/deny (admins)
     GET  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/audit      decision trail (admins; ours)
 
@@ -178,6 +179,14 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         who = await caller(request)
         return web.json_response((await service.get(who, request.match_info["name"])).to_dict())
 
+    async def delete(request: web.Request) -> web.Response:
+        who = await caller(request)
+        csr = await service.delete(who, request.match_info["name"])
+        return web.json_response({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+            "details": {"name": csr.name, "group": "certificates.k8s.io", "kind": "certificatesigningrequests",
+                        "uid": csr.metadata_uid}})
+
     async def approval(request: web.Request) -> web.Response:
         who = await caller(request)
         data = await body(request)
@@ -202,6 +211,7 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         web.post(CSR_PATH, create),
         web.get(CSR_PATH, list_),
         web.get(CSR_PATH + "/{name}", get),
+        web.delete(CSR_PATH + "/{name}", delete),
         web.put(CSR_PATH + "/{name}/approval", approval),
         web.get(CSR_PATH + "/{name}/audit", audit),
     ]

@@ -31,6 +31,8 @@ APPROVED, DENIED, FAILED = "Approved", "Denied", "Failed"
 CONDITION_TYPES = (APPROVED, DENIED, FAILED)
 MAX_REQUEST_PEM = 64 * 1024
 MIN_EXPIRATION_SECONDS = 600
+MAX_EXPIRATION_SECONDS = 2**31 - 1
+"""Kubernetes' bounds for ``spec.expirationSeconds`` (an int32 of at least 10 minutes)."""
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 KNOWN_USAGES = frozenset({
@@ -251,8 +253,13 @@ def from_request_body(body: Any, caller: Identity, now: dt.datetime | None = Non
     if len(set(usages)) != len(usages):
         raise CSRInvalid("spec.usages: duplicate usage")
     exp = spec.get("expirationSeconds")
-    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int) or exp < MIN_EXPIRATION_SECONDS):
-        raise CSRInvalid(f"spec.expirationSeconds: may not be less than {MIN_EXPIRATION_SECONDS} (10 minutes)")
+    if exp is not None:
+        if isinstance(exp, bool) or not isinstance(exp, int):
+            raise CSRInvalid(f"spec.expirationSeconds: must be an integer, not {type(exp).__name__}")
+        if exp < MIN_EXPIRATION_SECONDS:
+            raise CSRInvalid(f"spec.expirationSeconds: may not be less than {MIN_EXPIRATION_SECONDS} (10 minutes)")
+        if exp > MAX_EXPIRATION_SECONDS:
+            raise CSRInvalid(f"spec.expirationSeconds: may not be more than {MAX_EXPIRATION_SECONDS}")
     return CSR(
         name=name, request=pem, signer_name=signer, usages=tuple(usages), username=caller.user,
         groups=caller.groups, uid=caller.uid, expiration_seconds=exp, creation_timestamp=now_rfc3339(now),

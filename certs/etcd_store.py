@@ -146,6 +146,13 @@ class EtcdStore:
         csr.resource_version = str(rev)
         return csr
 
+    async def delete_csr(self, name: str) -> CSR:
+        resp = await self._call("/v3/kv/deleterange", {"key": _b64(self._key("csrs", name)), "prev_kv": True})
+        prev = resp.get("prev_kvs") or []
+        if not prev:
+            raise NotFound(f"certificatesigningrequests {name!r} not found")
+        return CSR.from_record(json.loads(_unb64(prev[0]["value"])), str(prev[0]["mod_revision"]))
+
     async def put_token(self, token: BootstrapToken) -> None:
         rev = await self._txn_put(self._key("tokens", token.token_id), json.dumps(token.to_dict()), "CREATE", 0)
         if rev is None:

@@ -192,6 +192,14 @@ class CertService:
             self._wake.set()
         return csr
 
+    async def delete(self, caller: Identity, name: str) -> CSR:
+        """An administrator removes ``name`` (any state); its audit trail stays. Raises Forbidden or NotFound."""
+        if not caller.is_admin:
+            raise Forbidden(f"{caller.user} may not delete certificate signing requests")
+        csr = await self.store.delete_csr(name)
+        await self._audit(name, "deleted", caller.user, "", f"deleted in state {csr.state}")
+        return csr
+
     async def approval_from_body(self, caller: Identity, name: str, body: Any) -> CSR:
         """``PUT .../{name}/approval``: the body is the object with one new Approved or Denied condition."""
         if not caller.is_admin:
@@ -219,32 +227,49 @@ class CertService:
                                  str(new[0].get("message") or ""))
 
     async def sign_ready(self) -> int:
-        """Issue certificates for approved CSRs that have none yet; returns how many were issued or failed."""
+        """Issue certificates for approved CSRs that have none yet; returns how many were issued or failed.
+
+        Each CSR is handled on its own: one that makes signing fail unexpectedly is marked ``Failed`` with the
+        reason (``SigningError``) and the pass goes on to the next, so no single request can stop issuance.
+        """
         done = 0
         csrs = await self.store.list_csrs()
         for csr in csrs:
             if csr.state != APPROVED:
                 continue
-            now = self.clock()
             try:
-                pem = sign(self.ca, csr, self.inventory, now, self.max_lifetime)
-            except SignerRuleError as exc:
-                why = str(exc)
-                try:
-                    await update_csr(self.store, csr.name, _add(FAILED, "SignerValidationFailure", why, now))
-                except ConditionConflict:
-                    continue
-                await self._audit(csr.name, "failed", "signer", "SignerValidationFailure", why)
-            else:
-                try:
-                    await update_csr(self.store, csr.name, _with_certificate(pem))
-                except ConditionConflict:
-                    continue  # another master issued it first
-                serial = x509.load_pem_x509_certificate(pem).serial_number
-                await self._audit(csr.name, "issued", "signer", "Issued", f"serial {serial:x}")
-            done += 1
+                done += await self._sign_one(csr)
+            except (asyncio.CancelledError, StoreError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - anything a hostile request provokes fails that request only
+                why = f"signing failed: {type(exc).__name__}: {str(exc)[:200]}"
+                log.error("csr %s: %s", csr.name, why, extra={"csr": csr.name})
+                done += await self._fail(csr.name, "SigningError", why)
         self.counts = _count(await self.store.list_csrs() if done else csrs)
         return done
+
+    async def _sign_one(self, csr: CSR) -> int:
+        now = self.clock()
+        try:
+            pem = sign(self.ca, csr, self.inventory, now, self.max_lifetime)
+        except SignerRuleError as exc:
+            return await self._fail(csr.name, "SignerValidationFailure", str(exc))
+        try:
+            await update_csr(self.store, csr.name, _with_certificate(pem))
+        except (ConditionConflict, NotFound):
+            return 0  # another master issued it first, or an administrator deleted it
+        serial = x509.load_pem_x509_certificate(pem).serial_number
+        await self._audit(csr.name, "issued", "signer", "Issued", f"serial {serial:x}")
+        return 1
+
+    async def _fail(self, name: str, reason: str, why: str) -> int:
+        """Add a ``Failed`` condition to ``name``; 0 when it changed meanwhile (already failed, issued, deleted)."""
+        try:
+            await update_csr(self.store, name, _add(FAILED, reason, why, self.clock()))
+        except (ConditionConflict, NotFound):
+            return 0
+        await self._audit(name, "failed", "signer", reason, why)
+        return 1
 
     async def run_signer(self, interval: float = 2.0) -> None:
         """Sign approved CSRs whenever woken (local approval) and every ``interval`` seconds; runs until cancelled."""

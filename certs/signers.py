@@ -7,7 +7,8 @@
 * ``kubernetes.io/kube-apiserver-client``: any CN (required), usages include ``client auth``, never ``server auth``.
 
 A CSR that breaks its signer's rules is marked ``Failed`` with the message of :class:`SignerRuleError`.
-Lifetime: one year by default, ``spec.expirationSeconds`` honoured down to 600 s, never beyond the CA.
+Lifetime: the least of ``spec.expirationSeconds`` (not below 600 s), one year (the service's maximum) and the CA's
+remaining life.
 """
 
 from __future__ import annotations
@@ -170,10 +171,16 @@ def check(csr: CSR, inventory: NodeInventory) -> Request:
 
 
 def lifetime_for(csr: CSR, maximum: dt.timedelta = DEFAULT_LIFETIME) -> dt.timedelta:
-    """One year by default; ``expirationSeconds`` honoured (not below 600 s), never beyond ``maximum``."""
-    if csr.expiration_seconds is None:
+    """One year by default; ``expirationSeconds`` honoured (not below 600 s), never beyond ``maximum``.
+
+    The request is clamped as an integer before it becomes a ``timedelta``, so a stored value that the API would
+    refuse today (a record from an older version, another master) cannot overflow.
+    """
+    requested = csr.expiration_seconds
+    if requested is None or isinstance(requested, bool) or not isinstance(requested, int):
         return maximum
-    return min(dt.timedelta(seconds=max(csr.expiration_seconds, MIN_EXPIRATION_SECONDS)), maximum)
+    ceiling = int(maximum.total_seconds())
+    return dt.timedelta(seconds=min(max(requested, MIN_EXPIRATION_SECONDS), ceiling))
 
 
 def sign(ca: CertificateAuthority, csr: CSR, inventory: NodeInventory, now: dt.datetime | None = None,

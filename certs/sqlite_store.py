@@ -92,6 +92,12 @@ class SQLiteStore:
         csr.resource_version = str(rows[0][0])
         return csr
 
+    async def delete_csr(self, name: str) -> CSR:
+        rows = await self._q("DELETE FROM csrs WHERE name = ? RETURNING version, data", name)
+        if not rows:
+            raise NotFound(f"certificatesigningrequests {name!r} not found")
+        return CSR.from_record(json.loads(rows[0][1]), str(rows[0][0]))
+
     async def put_token(self, token: BootstrapToken) -> None:
         try:
             await self._q("INSERT INTO tokens (id, data) VALUES (?, ?)", token.token_id,

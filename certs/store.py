@@ -42,7 +42,7 @@ class AuditRecord:
 
     csr: str
     action: str
-    """``created``, ``approved``, ``denied``, ``failed``, ``issued``, ``queued``."""
+    """``created``, ``approved``, ``denied``, ``failed``, ``issued``, ``queued``, ``deleted``."""
     actor: str
     reason: str = ""
     message: str = ""
@@ -81,6 +81,10 @@ class Store(Protocol):
 
     async def replace_csr(self, csr: CSR) -> CSR:
         """Write ``csr`` if nobody changed it since ``csr.resource_version``; raises :class:`Conflict`."""
+        ...
+
+    async def delete_csr(self, name: str) -> CSR:
+        """Remove a CSR and return it as it was; raises :class:`NotFound`. Its audit records stay."""
         ...
 
     async def put_token(self, token: BootstrapToken) -> None:

@@ -49,6 +49,16 @@ async def check_store_contract(store: Store) -> None:
     final = await store.get_csr("csr-two")
     assert final.state == "Issued" and final.certificate == b"PEM"
 
+    # Delete returns the object as it was; a second delete, and reads, find nothing; others are untouched.
+    await store.create_csr(make_csr(CALLER, name="csr-gone"))
+    gone = await store.delete_csr("csr-gone")
+    assert gone.name == "csr-gone" and gone.requester_node == "node-1"
+    with pytest.raises(NotFound):
+        await store.delete_csr("csr-gone")
+    with pytest.raises(NotFound):
+        await store.get_csr("csr-gone")
+    assert [c.name for c in await store.list_csrs()] == ["csr-one", "csr-two"]
+
     tok = new_bootstrap_token(dt.timedelta(hours=1), node="node-1")
     await store.put_token(tok)
     with pytest.raises(AlreadyExists):

@@ -9,86 +9,32 @@ import datetime as dt
 import json
 import os
 import shutil
-import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from certs import jws
-from certs.api import CSR_PATH, APIServer, api_tls_context, local_authenticator, make_app, tls_authenticator
-from certs.approval import make_policy
-from certs.ca import CertificateAuthority, cert_pem, key_pem
+from certs.api import CSR_PATH
+from certs.ca import cert_pem, key_pem
 from certs.kubeconfig import KubeConfig
-from certs.service import CertService
-from certs.signers import KUBELET_SERVING, NodeInventory
-from certs.sqlite_store import SQLiteStore
-from certs.tokens import BootstrapToken, new_bootstrap_token, parse_token_file
+from certs.signers import KUBELET_SERVING
+from certs.tokens import new_bootstrap_token
+from tests.certs_api_env import ADMIN_TOKEN, Env, api_env
 from tests.certs_util import body, make_request
 
 from .conftest import next_base
 
-ADMIN_TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-@dataclass
-class Env:
-    ca: CertificateAuthority
-    service: CertService
-    url: str
-    socket: Path
-    dir: Path
-    ca_file: Path
-
-    def client(self, token: str | None = None, cert: tuple[Path, Path] | None = None) -> aiohttp.ClientSession:
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        if cert:
-            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return aiohttp.ClientSession(self.url, headers=headers, connector=aiohttp.TCPConnector(ssl=ctx),
-                                     timeout=aiohttp.ClientTimeout(total=10))
-
-    async def token(self, ttl: dt.timedelta | None = dt.timedelta(hours=1), **kw: object) -> BootstrapToken:
-        tok = new_bootstrap_token(ttl, **kw)  # type: ignore[arg-type]
-        await self.service.store.put_token(tok)
-        return tok
-
 
 @pytest.fixture
 async def env(short_dir: Path) -> AsyncIterator[Env]:
-    host = next_base()
-    ca = CertificateAuthority.create("api-test-ca")
-    ca_file = short_dir / "ca.crt"
-    ca_file.write_bytes(ca.pem)
-    cert, key = ca.issue_server([host])
-    (short_dir / "api.crt").write_bytes(cert_pem(cert))
-    (short_dir / "api.key").write_bytes(key_pem(key))
-    store = SQLiteStore(short_dir / "certs.db")
-    inventory = NodeInventory.of([("node-1", ["192.0.2.11"]), ("node-2", ["192.0.2.12"])])
-    service = CertService(store, ca, make_policy("queue"), inventory,
-                          parse_token_file(f'{ADMIN_TOKEN},admin,0,"system:masters"\n'))
-    tls = APIServer(make_app(service, tls_authenticator(service), server_url=f"https://{host}:0"))
-    await tls.start(host, 0, api_tls_context(str(short_dir / "api.crt"), str(short_dir / "api.key"), str(ca_file)))
-    local_runner = web.AppRunner(make_app(service, local_authenticator()))
-    await local_runner.setup()
-    sock = short_dir / "admin.sock"
-    await web.UnixSite(local_runner, str(sock)).start()
-    signer = asyncio.create_task(service.run_signer(interval=0.2))
-    try:
-        yield Env(ca, service, f"https://{host}:{tls.port}", sock, short_dir, ca_file)
-    finally:
-        signer.cancel()
-        await asyncio.gather(signer, return_exceptions=True)
-        await tls.stop()
-        await local_runner.cleanup()
-        await store.close()
+    async with api_env(short_dir, next_base()) as e:
+        yield e
 
 
 async def _post(session: aiohttp.ClientSession, payload: dict) -> tuple[int, dict]:

@@ -45,6 +45,10 @@ def test_body_identity_fields_ignored_and_generate_name() -> None:
     (lambda b: b["spec"].update(usages=[]), "spec.usages: required"),
     (lambda b: b["spec"].update(usages=["root access"]), "unknown usage"),
     (lambda b: b["spec"].update(expirationSeconds=599), "may not be less than 600"),
+    (lambda b: b["spec"].update(expirationSeconds=2**31), "may not be more than 2147483647"),
+    (lambda b: b["spec"].update(expirationSeconds=10**30), "may not be more than 2147483647"),
+    (lambda b: b["spec"].update(expirationSeconds=True), "must be an integer, not bool"),
+    (lambda b: b["spec"].update(expirationSeconds=3600.0), "must be an integer, not float"),
     (lambda b: b.update(metadata={"name": "Bad_Name"}), "not a valid name"),
     (lambda b: b.update(metadata={}), "name or generateName"),
 ])
@@ -119,6 +123,16 @@ def test_expiration_seconds_honoured() -> None:
     assert week.not_valid_after_utc == NOW + dt.timedelta(days=7)
     capped = _cert(sign(ca, make_csr(BOOT, expiration=10 * 365 * 86400), INV, now=NOW))
     assert capped.not_valid_after_utc == NOW + dt.timedelta(days=365)
+    # A stored value the API refuses today (an older version accepted it) is clamped, never an OverflowError.
+    planted = make_csr(BOOT)
+    planted.expiration_seconds = 10**30
+    assert _cert(sign(ca, planted, INV, now=NOW)).not_valid_after_utc == NOW + dt.timedelta(days=365)
+
+
+def test_lifetime_never_beyond_the_ca() -> None:
+    ca = CertificateAuthority.create("c", lifetime=dt.timedelta(days=30), now=NOW)
+    cert = _cert(sign(ca, make_csr(BOOT, expiration=2**31 - 1), INV, now=NOW + dt.timedelta(days=10)))
+    assert cert.not_valid_after_utc == ca.cert.not_valid_after_utc
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

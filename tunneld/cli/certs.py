@@ -1,5 +1,5 @@
 """Administrators' certificate commands: ``tunneld ca init``, ``tunneld token create|list|delete``,
-``tunneld csr list|show|approve|deny``.
+``tunneld csr list|show|approve|deny|delete``.
 
 ``ca`` and ``token`` work on files and the store named by the config (no daemon needed, so tokens can be made before
 the first start). ``csr`` talks to the running daemon over its local status socket, where the daemon identifies the
@@ -372,3 +372,13 @@ def csr_approve(config_path: str, socket_path: str | None, name: str, reason: st
 def csr_deny(config_path: str, socket_path: str | None, name: str, reason: str, message: str) -> None:
     """Deny NAME, saying why."""
     _decide(config_path, socket_path, name, "Denied", "AdminDenied", f"{reason}{': ' + message if message else ''}")
+
+
+@csr.command("delete")
+@config_option
+@socket_option
+@click.argument("name")
+def csr_delete(config_path: str, socket_path: str | None, name: str) -> None:
+    """Delete NAME in any state (its audit trail is kept), as 'kubectl delete csr' does."""
+    _call(_socket_path(config_path, socket_path), "DELETE", f"{CSR_API}/{name}")
+    click.echo(f"{name} deleted")

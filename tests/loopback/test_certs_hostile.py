@@ -1,0 +1,145 @@
+"""Attacks on the certificates API by a caller that holds a credential: requests built to break the signer, and the
+administrators' way out (DELETE, ``tunneld csr delete``). Real TLS listener and unix socket on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+
+from certs.api import CSR_PATH
+from certs.csr import APPROVED, CSR
+from certs.service import CertService
+from tests.certs_api_env import ADMIN_TOKEN, Env, api_env
+from tests.certs_util import body, make_csr, make_request
+from tests.store_contract import CALLER
+
+from .conftest import next_base
+
+
+@pytest.fixture
+async def env(short_dir: Path) -> AsyncIterator[Env]:
+    async with api_env(short_dir, next_base(), policy="auto-approve-group") as e:
+        yield e
+
+
+async def _post(session: aiohttp.ClientSession, payload: dict) -> tuple[int, dict]:
+    async with session.post(CSR_PATH, json=payload) as resp:
+        return resp.status, await resp.json()
+
+
+async def _until(service: CertService, name: str, done: Callable[[CSR], bool], timeout: float = 10.0) -> CSR:
+    """Poll the store (bounded) until ``name`` satisfies ``done``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        csr = await service.store.get_csr(name)
+        if done(csr):
+            return csr
+        assert time.monotonic() < deadline, f"{name} stayed {csr.state}"
+        await asyncio.sleep(0.05)
+
+
+async def _plant(env: Env, name: str, change: Callable[[CSR], None]) -> None:
+    """Write an approved CSR straight into the store, as an older version (or another master) could have."""
+    csr = make_csr(CALLER, name=name)
+    change(csr)
+    csr.add_condition(APPROVED, "Planted", "approved before the checks existed")
+    await env.service.store.create_csr(csr)
+
+
+@pytest.mark.parametrize("value", [10**30, 2**31, 599, -1, True, 600.0, "3600", [3600]])
+async def test_out_of_range_expiration_is_422_at_create(env: Env, value: object) -> None:
+    tok = await env.token(node="node-1")
+    pem, _ = make_request("system:node:node-1")
+    async with env.client(tok.token) as s:
+        code, obj = await _post(s, body(pem, expiration=value))  # type: ignore[arg-type]
+    assert code == 422, obj
+    assert obj["kind"] == "Status" and obj["reason"] == "Invalid" and "spec.expirationSeconds" in obj["message"]
+    assert await env.service.store.list_csrs() == []
+
+
+async def test_largest_allowed_expiration_is_capped_at_one_year(env: Env) -> None:
+    tok = await env.token(node="node-1")
+    pem, _ = make_request("system:node:node-1")
+    async with env.client(tok.token) as s:
+        code, obj = await _post(s, body(pem, name="longest", expiration=2**31 - 1))
+    assert code == 201, obj
+    issued = await _until(env.service, "longest", lambda c: c.certificate is not None)
+    assert issued.certificate is not None
+    cert = x509.load_pem_x509_certificate(issued.certificate)
+    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=364) < lifetime <= dt.timedelta(days=365)
+
+
+async def test_a_csr_that_breaks_signing_fails_alone_and_the_next_one_is_issued(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    # Stored before the create-time check existed: the number overflowed every signer pass (OverflowError).
+    await _plant(env, "huge-expiry", lambda c: setattr(c, "expiration_seconds", 10**30))
+    # A request whose PEM cannot be parsed makes the signer raise ValueError.
+    await _plant(env, "broken-request", lambda c: setattr(
+        c, "request", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"))
+    tok = await env.token(node="node-1")
+    pem, _ = make_request("system:node:node-1")
+    with caplog.at_level(logging.ERROR, logger="certs.service"):
+        async with env.client(tok.token) as s:
+            code, obj = await _post(s, body(pem, name="innocent"))
+        assert code == 201 and obj["status"]["conditions"][0]["type"] == "Approved", obj
+        good = await _until(env.service, "innocent", lambda c: c.certificate is not None)
+        broken = await _until(env.service, "broken-request", lambda c: c.state == "Failed")
+    assert good.state == "Issued"
+    failed = broken.condition("Failed")
+    assert failed is not None and failed.reason == "SigningError" and "ValueError" in failed.message
+    huge = await env.service.store.get_csr("huge-expiry")
+    assert huge.state == "Issued" and huge.certificate is not None  # clamped to one year, not an overflow
+    assert x509.load_pem_x509_certificate(huge.certificate).not_valid_after_utc < (
+        dt.datetime.now(dt.UTC) + dt.timedelta(days=366))
+    trail = [(r.action, r.actor, r.reason) for r in await env.service.store.list_audit("broken-request")]
+    assert ("failed", "signer", "SigningError") in trail
+    assert any("broken-request" in r.getMessage() for r in caplog.records)
+
+
+async def test_admin_deletes_a_csr_over_the_api_and_others_may_not(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    await _plant(env, "stuck", lambda c: None)
+    tok = await env.token(node="node-1")
+    with caplog.at_level(logging.WARNING, logger="certs.audit"):
+        async with env.client(tok.token) as node:
+            async with node.delete(f"{CSR_PATH}/stuck") as resp:
+                refused = await resp.json()
+                assert resp.status == 403, refused
+    assert refused["kind"] == "Status" and "may not delete" in refused["message"]
+    assert any("may not delete" in r.getMessage() and getattr(r, "method", "") == "DELETE" for r in caplog.records)
+    await env.service.store.get_csr("stuck")  # still there
+    async with env.client(ADMIN_TOKEN) as admin:
+        async with admin.delete(f"{CSR_PATH}/stuck") as resp:
+            done = await resp.json()
+            assert resp.status == 200, done
+        assert done["kind"] == "Status" and done["status"] == "Success" and done["details"]["name"] == "stuck"
+        async with admin.get(f"{CSR_PATH}/stuck") as resp:
+            assert resp.status == 404
+        async with admin.delete(f"{CSR_PATH}/stuck") as resp:
+            assert resp.status == 404 and (await resp.json())["reason"] == "NotFound"
+    trail = [(r.action, r.actor) for r in await env.service.store.list_audit("stuck")]
+    assert trail[-1] == ("deleted", "admin"), "the decision trail outlives the object"
+
+
+async def test_tunneld_csr_delete_over_the_local_socket(env: Env) -> None:
+    await _plant(env, "stuck", lambda c: None)
+    argv = [sys.executable, "-m", "tunneld", "csr", "delete", "stuck", "--socket", str(env.socket)]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stuck deleted"
+    assert await env.service.store.list_csrs() == []
+    again = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "'stuck' not found" in again.stderr
+    actors = [r.actor for r in await env.service.store.list_audit("stuck") if r.action == "deleted"]
+    assert actors and actors[0].startswith("uid=")
