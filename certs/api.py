@@ -67,6 +67,10 @@ def tls_authenticator(service: CertService) -> Authenticate:
     async def authenticate(request: web.Request) -> Identity | None:
         header = request.headers.get("Authorization")
         if header is not None:
+            # HTTP header values are bytes; aiohttp hands them over decoded leniently (surrogate escapes). A token is
+            # visible ASCII: anything else is refused here, before it reaches a hash or a comparison.
+            if not header.isascii() or not header.isprintable():
+                raise Unauthorized("Unauthorized: the Authorization header is not printable ASCII")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 return None
@@ -129,6 +133,7 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
             _refused(request, 403, str(exc))
             return status(403, "Forbidden", str(exc))
         except BadRequest as exc:
+            _refused(request, 400, str(exc))
             return status(400, "BadRequest", str(exc))
         except NotFound as exc:
             return status(404, "NotFound", str(exc))
@@ -145,6 +150,7 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
             log.error("store error: %s", exc)
             return status(503, "ServiceUnavailable", "the certificate store is unavailable")
         except web.HTTPRequestEntityTooLarge:
+            _refused(request, 413, f"request body larger than {MAX_BODY} bytes")
             return status(413, "RequestEntityTooLarge", f"request body larger than {MAX_BODY} bytes")
         except web.HTTPException as exc:
             if exc.status >= 400:
@@ -162,6 +168,8 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
             return json.loads(await request.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest("the body is not valid JSON") from exc
+        except RecursionError as exc:  # the C decoder guards its recursion: [[[[... 50,000 deep lands here
+            raise BadRequest("the body is not valid JSON: nested too deeply") from exc
 
     async def create(request: web.Request) -> web.Response:
         who = await caller(request)

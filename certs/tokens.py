@@ -248,7 +248,7 @@ class Authenticator:
 
     async def authenticate(self, token: str) -> Identity | None:
         """The identity for ``token``, or None when it is unknown, expired or not for authentication."""
-        if len(token) > 4096:
+        if len(token) > 4096 or not token.isascii():
             return None
         m = BOOTSTRAP_TOKEN_RE.match(token)
         if m:

@@ -4,7 +4,9 @@ administrators' way out (DELETE, ``tunneld csr delete``). Real TLS listener and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import json
 import logging
 import subprocess
 import sys
@@ -143,3 +145,63 @@ async def test_tunneld_csr_delete_over_the_local_socket(env: Env) -> None:
     assert again.returncode == 1 and "'stuck' not found" in again.stderr
     actors = [r.actor for r in await env.service.store.list_audit("stuck") if r.action == "deleted"]
     assert actors and actors[0].startswith("uid=")
+
+
+async def _raw_tls(env: Env, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` as is over TLS, read until the server closes (bounded); the raw response."""
+    reader, writer = await asyncio.open_connection(env.host, env.port, ssl=env.tls_client_context(),
+                                                   server_hostname=env.host)
+    out = bytearray()
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                out += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return bytes(out)
+
+
+def _status_and_body(response: bytes) -> tuple[int, dict]:
+    head, _, payload = response.partition(b"\r\n\r\n")
+    code = int(head.split(b" ", 2)[1])
+    return code, json.loads(payload)
+
+
+@pytest.mark.parametrize("credential", [b"Bearer \xff\xfe\x80abc", b"\xc3\x28 token",
+                                        "Bearer t\u00f6k\u00e9n".encode()])
+async def test_non_utf8_authorization_is_401_and_audited(
+        env: Env, caplog: pytest.LogCaptureFixture, credential: bytes) -> None:
+    payload = json.dumps(body(make_request("system:node:node-1")[0])).encode()
+    request = (b"POST " + CSR_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + credential +
+               b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(payload)).encode() +
+               b"\r\nConnection: close\r\n\r\n" + payload)
+    with caplog.at_level(logging.WARNING, logger="certs.audit"):
+        code, obj = _status_and_body(await _raw_tls(env, request))
+    assert code == 401, obj
+    assert obj["kind"] == "Status" and obj["reason"] == "Unauthorized"
+    audits = [r for r in caplog.records if r.name == "certs.audit"]
+    assert len(audits) == 1 and getattr(audits[0], "status", None) == 401
+    assert "Authorization" in audits[0].getMessage()
+    assert await env.service.store.list_csrs() == []
+
+
+async def test_deeply_nested_json_body_is_400_and_audited(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    payload = b"[" * 50_000 + b"]" * 50_000
+    request = (b"POST " + CSR_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+               ADMIN_TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: " +
+               str(len(payload)).encode() + b"\r\nConnection: close\r\n\r\n" + payload)
+    with caplog.at_level(logging.WARNING, logger="certs.audit"):
+        code, obj = _status_and_body(await _raw_tls(env, request))
+    assert code == 400, obj
+    assert obj["kind"] == "Status" and obj["reason"] == "BadRequest" and "nested" in obj["message"]
+    audits = [r for r in caplog.records if r.name == "certs.audit"]
+    assert len(audits) == 1 and getattr(audits[0], "status", None) == 400
+    # The listener is fine afterwards.
+    async with env.client(ADMIN_TOKEN) as admin, admin.get(CSR_PATH) as resp:
+        assert resp.status == 200
