@@ -32,7 +32,7 @@ from aiohttp import web
 from cryptography import x509
 
 from certs.csr import ConditionConflict, CSRInvalid
-from certs.service import CertService, Forbidden
+from certs.service import CertService, Forbidden, QuotaExceeded
 from certs.store import AlreadyExists, Conflict, Contended, NotFound, StoreError
 from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
 
@@ -143,6 +143,9 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
             return status(409, "Conflict", str(exc))
         except CSRInvalid as exc:
             return status(422, "Invalid", str(exc))
+        except QuotaExceeded as exc:
+            _refused(request, 429, str(exc))
+            return status(429, "TooManyRequests", str(exc))
         except Contended as exc:
             log.info("%s", exc)
             return status(503, "ServiceUnavailable", str(exc))

@@ -43,8 +43,16 @@ LOCK_WAIT = 5.0
 """How long a request waits for another master's decision about the same node before answering 503."""
 
 
+DEFAULT_MAX_PENDING = 10
+"""Pending CSRs one requester may have at once (``[csr] max_pending_per_requester``)."""
+
+
 class Forbidden(PermissionError):
     """The caller may not do this (HTTP 403)."""
+
+
+class QuotaExceeded(Exception):
+    """The caller has too many pending CSRs already (HTTP 429)."""
 
 
 def _utcnow() -> dt.datetime:
@@ -63,12 +71,15 @@ class CertService:
         static_tokens: Iterable[StaticToken] = (),
         max_lifetime: dt.timedelta = DEFAULT_LIFETIME,
         clock: Callable[[], dt.datetime] = _utcnow,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.store = store
         self.ca = ca
         self.policy = policy
         self.inventory = inventory or NodeInventory()
         self.max_lifetime = max_lifetime
+        self.max_pending = max_pending
+        """Pending CSRs per requester (user name); administrators are not limited."""
         self.clock = clock
         self.authenticator = Authenticator(static_tokens, store.get_token, clock)
         self.counts: dict[str, int] = dict.fromkeys(STATES, 0)
@@ -111,6 +122,7 @@ class CertService:
         now = self.clock()
         csr = from_request_body(body, caller, now)
         async with self._create_lock:  # one decision at a time, so "no valid cert yet" stays true when decided
+            await self._check_quota(caller)
             try:
                 req = check(csr, self.inventory)
             except SignerRuleError as exc:
@@ -137,6 +149,16 @@ class CertService:
         if csr.state == APPROVED:
             self._wake.set()
         return csr
+
+    async def _check_quota(self, caller: Identity) -> None:
+        """Refuse a new CSR when ``caller`` already has :attr:`max_pending` pending ones (masters sharing a store
+        each check under their own lock, so together they may overshoot by the number of masters)."""
+        if caller.is_admin:
+            return
+        pending = sum(1 for c in await self.store.list_csrs() if c.username == caller.user and c.state == "Pending")
+        if pending >= self.max_pending:
+            raise QuotaExceeded(f"{caller.user} has {pending} pending certificate signing requests, the most allowed "
+                                f"({self.max_pending}); wait for a decision or ask an administrator")
 
     @contextlib.asynccontextmanager
     async def _first_certificate_lock(self, csr: CSR, node: str | None) -> AsyncIterator[None]:

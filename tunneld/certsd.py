@@ -82,7 +82,8 @@ class CertsDaemon:
         static = load_token_file(config.auth.token_file) if config.auth.token_file else []
         self.store = open_store(config.csr)
         policy = make_policy(config.csr.approval, config.csr.approve_group)
-        self.service = CertService(self.store, self.ca, policy, node_inventory(config.nodes), static)
+        self.service = CertService(self.store, self.ca, policy, node_inventory(config.nodes), static,
+                                   max_pending=config.csr.max_pending_per_requester)
         self.url = server_url(config.api)
         self.api = APIServer(make_app(self.service, tls_authenticator(self.service), self.url))
         self._signer: asyncio.Task[None] | None = None

@@ -21,6 +21,7 @@ from cryptography import x509
 from certs.api import CSR_PATH
 from certs.csr import APPROVED, CSR
 from certs.service import CertService
+from certs.store import NotFound
 from tests.certs_api_env import ADMIN_TOKEN, Env, api_env
 from tests.certs_util import body, make_csr, make_request
 from tests.store_contract import CALLER
@@ -205,3 +206,34 @@ async def test_deeply_nested_json_body_is_400_and_audited(env: Env, caplog: pyte
     # The listener is fine afterwards.
     async with env.client(ADMIN_TOKEN) as admin, admin.get(CSR_PATH) as resp:
         assert resp.status == 200
+
+
+async def test_pending_csrs_per_requester_are_capped_with_429(short_dir: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    async with api_env(short_dir, next_base(), policy="queue", max_pending=3) as env:
+        flooder, other = await env.token(), await env.token()
+        pem, _ = make_request("system:node:node-1")
+        async with env.client(flooder.token) as s, env.client(other.token) as o, env.client(ADMIN_TOKEN) as admin:
+            for i in range(3):
+                code, obj = await _post(s, body(pem, name=f"flood-{i}"))
+                assert code == 201 and obj["status"] == {}, obj  # pending: queued for an administrator
+            with caplog.at_level(logging.WARNING, logger="certs.audit"):
+                code, obj = await _post(s, body(pem, name="flood-3"))
+            assert code == 429, obj
+            assert obj["kind"] == "Status" and obj["reason"] == "TooManyRequests" and obj["code"] == 429
+            assert f"system:bootstrap:{flooder.token_id} has 3 pending" in obj["message"]
+            audits = [r for r in caplog.records if r.name == "certs.audit"]
+            assert len(audits) == 1 and getattr(audits[0], "status", None) == 429
+            with pytest.raises(NotFound):
+                await env.service.store.get_csr("flood-3")
+            # Another requester is not affected, nor is an administrator.
+            code, _ = await _post(o, body(pem, name="other-0"))
+            assert code == 201
+            code, _ = await _post(admin, body(make_request("admin-2", orgs=("system:masters",))[0],
+                                              signer="kubernetes.io/kube-apiserver-client", usages=["client auth"]))
+            assert code == 201
+            # A decision frees a slot.
+            async with admin.delete(f"{CSR_PATH}/flood-0") as resp:
+                assert resp.status == 200
+            code, obj = await _post(s, body(pem, name="flood-3"))
+            assert code == 201, obj

@@ -87,3 +87,13 @@ def test_etcd_tls_files_are_relative_and_checked(tmp_path: Path) -> None:
     problems = "\n".join(check_files(cfg))
     assert f"{p}: csr.etcd_ca: {tmp_path / 'pki/etcd-ca.crt'}: file not found" in problems
     assert f"{p}: csr.etcd_key: {tmp_path / 'pki/c.key'}: file not found" in problems
+
+
+def test_csr_quota_per_requester(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")).csr.max_pending_per_requester == 10
+    assert load_config(_write(tmp_path, "[csr]\nmax_pending_per_requester = 3\n")).csr.max_pending_per_requester == 3
+    for bad, why in (("0", "must be between 1 and 100000"), ("true", "expected an integer, got a boolean"),
+                     ('"10"', "expected an integer")):
+        with pytest.raises(ConfigError) as err:
+            load_config(_write(tmp_path, f"[csr]\nmax_pending_per_requester = {bad}\n"))
+        assert any("csr.max_pending_per_requester" in p and why in p for p in err.value.problems), err.value.problems

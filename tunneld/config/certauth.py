@@ -52,6 +52,8 @@ def certs_sections(c: Section, a: Section, au: Section, cs: Section, problems: l
         etcd_ca=cs.path("etcd_ca", None),
         etcd_cert=cs.path("etcd_cert", None),
         etcd_key=cs.path("etcd_key", None),
+        max_pending_per_requester=cs.integer("max_pending_per_requester", default.max_pending_per_requester,
+                                             minimum=1, maximum=100_000),
     )
     cs.unknown()
     if csr.approval not in APPROVAL_POLICIES:

@@ -191,6 +191,8 @@ class CSRSettings:
     etcd_cert: Path | None = None
     """Client certificate for etcd's client-cert-auth (with ``etcd_key``)."""
     etcd_key: Path | None = None
+    max_pending_per_requester: int = 10
+    """Pending CSRs one requester (user name) may have at once; more get 429 (administrators are not limited)."""
 
     @property
     def etcd_https(self) -> bool:
