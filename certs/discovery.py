@@ -7,11 +7,12 @@ A new node knows three things: the API server's URL, a bootstrap token ``<id>.<s
 2. take ``data["jws-kubeconfig-<id>"]`` and check it is a detached JWS of ``data["kubeconfig"]`` keyed with the token
    secret: only someone who knows the token could have produced it (this authenticates the *content*);
 3. parse that kubeconfig (exactly one cluster) and take its CA; one of the CA certificates must match a pin (this
-   protects against the token itself being known to an attacker who then serves their own CA);
-4. fetch ``cluster-info`` again, this time verifying TLS against that CA, and require the same kubeconfig.
+   protects against the token itself being known to an attacker who then serves their own CA), and only the CA
+   certificates that match a pin are kept: a bundle may carry other CAs besides, but the node never trusts them;
+4. fetch ``cluster-info`` again, this time verifying TLS against the pinned CAs, and require the same kubeconfig.
 
-Only then is the CA trusted, and a bootstrap kubeconfig (server URL as given, the CA, the token) is built. Every
-failure is a :class:`DiscoveryError` whose message says which check failed.
+Only then are the pinned CAs trusted, and a bootstrap kubeconfig (server URL as given, those CAs, the token) is built.
+Every failure is a :class:`DiscoveryError` whose message says which check failed.
 """
 
 from __future__ import annotations
@@ -64,19 +65,28 @@ def ca_cert_hash(cert: x509.Certificate | bytes) -> str:
     return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
-def pin_matches(ca_pem: bytes, pins: Iterable[str]) -> bool:
-    """True if any certificate in the PEM bundle ``ca_pem`` has one of ``pins`` (compared in constant time)."""
+def pinned_certificates(ca_pem: bytes, pins: Iterable[str]) -> list[x509.Certificate]:
+    """The certificates of the PEM bundle ``ca_pem`` whose pin is one of ``pins`` (compared in constant time),
+    without duplicates; empty when none matches or the bundle cannot be read."""
     try:
         certs = x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
-        return False
+        return []
     wanted = [parse_pin(p).encode() for p in pins]
-    found = False
+    kept: dict[bytes, x509.Certificate] = {}
     for cert in certs:
         have = ca_cert_hash(cert).encode()
+        matched = False
         for w in wanted:
-            found |= hmac.compare_digest(have, w)
-    return found
+            matched |= hmac.compare_digest(have, w)
+        if matched:
+            kept.setdefault(cert.public_bytes(serialization.Encoding.DER), cert)
+    return list(kept.values())
+
+
+def pin_matches(ca_pem: bytes, pins: Iterable[str]) -> bool:
+    """True if any certificate in the PEM bundle ``ca_pem`` has one of ``pins`` (compared in constant time)."""
+    return bool(pinned_certificates(ca_pem, pins))
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class ClusterInfo:
 
     server: str
     ca_pem: bytes
+    """Only the CA certificates that match a pin."""
     kubeconfig_text: str
 
     def bootstrap_kubeconfig(self, token: str) -> KubeConfig:
@@ -127,12 +138,15 @@ def verify_cluster_info(configmap: Any, token: str, pins: Sequence[str], server:
         found = sorted({ca_cert_hash(c) for c in x509.load_pem_x509_certificates(ca_pem)})
     except ValueError as exc:
         raise DiscoveryError(f"the cluster CA in cluster-info is not a PEM certificate: {exc}") from exc
-    if not pin_matches(ca_pem, pins):
+    pinned = pinned_certificates(ca_pem, pins)
+    if not pinned:
         raise DiscoveryError(
             f"the cluster CA does not match the pin: cluster-info carries a CA with hash {', '.join(found)}, "
             f"expected {', '.join(parse_pin(p) for p in pins)}. Refusing to trust it."
         )
-    return ClusterInfo(server.rstrip("/"), ca_pem, text)
+    # Trust only what the pins name: any other CA in the bundle is dropped, never written to the node's kubeconfig.
+    trusted = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in pinned)
+    return ClusterInfo(server.rstrip("/"), trusted, text)
 
 
 async def discover(server: str, token: str, pins: Sequence[str], timeout: float = 30.0) -> ClusterInfo:

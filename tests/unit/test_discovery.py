@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from certs import jws
-from certs.ca import CertificateAuthority, spki_pin
+from certs.apiclient import tls_context
+from certs.ca import CertificateAuthority, cert_pem, key_pem, spki_pin
 from certs.discovery import DiscoveryError, ca_cert_hash, parse_pin, pin_matches, split_token, verify_cluster_info
 from certs.kubeconfig import KubeConfig, cluster_only
 
@@ -127,3 +129,48 @@ def test_signed_kubeconfig_without_ca_or_with_two_clusters(ca: CertificateAuthor
         verify_cluster_info(configmap(ca.pem, text=two), TOKEN, [ca.pin], SERVER)
     with pytest.raises(DiscoveryError, match="at least one CA pin"):
         verify_cluster_info(configmap(ca.pem), TOKEN, [], SERVER)
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str) -> None:
+    """A TLS handshake in memory (no sockets); raises ssl.SSLError when the client refuses the server."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=name)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        done = 0
+        for side in (c, s):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if done == 2:
+            return
+    raise AssertionError("the handshake did not finish")
+
+
+def test_bundle_with_pinned_and_unpinned_ca_keeps_only_the_pinned(ca: CertificateAuthority, tmp_path: Path) -> None:
+    intruder = CertificateAuthority.create("intruder")
+    for bundle in (intruder.pem + ca.pem, ca.pem + intruder.pem, ca.pem + intruder.pem + ca.pem):
+        info = verify_cluster_info(configmap(bundle), TOKEN, [ca.pin], SERVER)
+        assert info.ca_pem == ca.pem, "only the pinned CA is trusted"
+        boot = KubeConfig.loads(info.bootstrap_kubeconfig(TOKEN).dumps())
+        assert boot.current()[0].certificate_authority_data == ca.pem
+    # What the node then uses for TLS refuses a server certificate from the unpinned CA, accepts the pinned one.
+    client = tls_context(info.ca_pem)
+    for issuer, ok in ((intruder, False), (ca, True)):
+        cert, key = issuer.issue_server(["127.0.0.1"])
+        (tmp_path / "s.crt").write_bytes(cert_pem(cert))
+        (tmp_path / "s.key").write_bytes(key_pem(key))
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(tmp_path / "s.crt", tmp_path / "s.key")
+        if ok:
+            _handshake(client, server, "127.0.0.1")
+        else:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _handshake(client, server, "127.0.0.1")
+    # Both pinned (a CA rotation): both kept.
+    both = verify_cluster_info(configmap(intruder.pem + ca.pem), TOKEN, [ca.pin, intruder.pin], SERVER)
+    assert both.ca_pem == intruder.pem + ca.pem
