@@ -2,7 +2,9 @@
 
 A secret is written to a temporary file in the target's directory that is created with mode 0600 (never a moment
 with looser permissions), flushed and fsynced, then renamed over the target, and the directory is fsynced so the
-rename survives a crash. Readers therefore see either the old file or the complete new one.
+rename survives a crash. Readers therefore see either the old file or the complete new one. A directory a secret
+needs that does not exist yet is created 0700 (``tunneld ca init`` making ``pki/``); existing directories are left as
+they are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ class FileTooLarge(ValueError):
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     path = Path(path)
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.is_dir():
+        private = mode & 0o077 == 0
+        directory.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
     tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:

@@ -29,9 +29,10 @@ from certs.service import CertService
 from certs.signers import NodeInventory
 from certs.sqlite_store import SQLiteStore
 from certs.store import Store
-from certs.tokens import load_token_file
+from certs.tokens import StaticToken, load_token_file
 from netnames import split_host_port
 from tunneld.config import APISettings, Config, CSRSettings, Node
+from tunneld.ops.logs import add_secret
 
 log = logging.getLogger("tunneld.certs")
 
@@ -45,6 +46,14 @@ def open_store(settings: CSRSettings) -> Store:
         tls = client_tls(settings.etcd_ca, settings.etcd_cert, settings.etcd_key) if settings.etcd_https else None
         return EtcdStore(settings.etcd_endpoints, settings.etcd_prefix, tls=tls)
     return SQLiteStore(settings.sqlite_path)
+
+
+def load_static_tokens(path: Path | None) -> list[StaticToken]:
+    """The static token file's records, each token registered with the log redaction so no line can print it."""
+    static = load_token_file(path) if path is not None else []
+    for record in static:
+        add_secret(record.token)
+    return static
 
 
 def node_inventory(nodes: Iterable[Node]) -> NodeInventory:
@@ -79,7 +88,7 @@ class CertsDaemon:
         self.settings = config.api
         self.ca_settings = config.ca
         self.ca = CertificateAuthority.load(config.ca.cert, config.ca.key)
-        static = load_token_file(config.auth.token_file) if config.auth.token_file else []
+        static = load_static_tokens(config.auth.token_file)
         self.store = open_store(config.csr)
         policy = make_policy(config.csr.approval, config.csr.approve_group)
         self.service = CertService(self.store, self.ca, policy, node_inventory(config.nodes), static,
@@ -101,7 +110,7 @@ class CertsDaemon:
         """Re-read the static token file (other certificate settings apply on restart)."""
         if config.auth.token_file is not None:
             try:
-                self.service.authenticator.set_static(load_token_file(config.auth.token_file))
+                self.service.authenticator.set_static(load_static_tokens(config.auth.token_file))
             except ValueError as exc:
                 log.error("token file not reloaded: %s", exc)
 

@@ -6,6 +6,7 @@ import datetime as dt
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.ca import BACKDATE, CAError, CertificateAuthority, Usages, generate_key
+from certs.files import write_secret
 
 
 def test_create_save_load_roundtrip(tmp_path: Path) -> None:
@@ -71,3 +73,22 @@ def test_issue_backdates_caps_at_ca_and_sets_usages() -> None:
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(v) for v in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+
+
+def test_ca_init_creates_the_key_directory_0700(tmp_path: Path) -> None:
+    pki = tmp_path / "etc" / "pki"
+    cp = subprocess.run([sys.executable, "-m", "tunneld", "ca", "init", "--cert", str(pki / "ca.crt"),
+                         "--key", str(pki / "ca.key")], capture_output=True, text=True, timeout=60, umask=0o022)
+    assert cp.returncode == 0, cp.stderr
+    assert stat.S_IMODE(pki.stat().st_mode) == 0o700, "nobody but the owner may enter the CA's directory"
+    assert stat.S_IMODE((pki / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((pki / "ssh_ca").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "etc").stat().st_mode) == 0o755, "only the directory holding the key"
+
+
+def test_write_secret_keeps_an_existing_directory_as_it_is(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    write_secret(shared / "k", b"x")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755

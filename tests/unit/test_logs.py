@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +66,40 @@ def test_secrets_never_printed(captured: tuple[str, io.StringIO, logging.Logger]
         assert secret not in out
     assert "[redacted private key]" in out and "abcdef.[redacted]" in out, "what is left stays useful"
     assert "node-2" in out
+
+
+def test_redaction_leaves_the_daemons_words_and_ids_alone(captured: tuple[str, io.StringIO, logging.Logger]) -> None:
+    fmt, buf, log = captured
+    log.warning("certificates API refused: %s", "Unauthorized: a valid bearer token or client certificate is required")
+    log.info("expired bootstrap token presented", extra={"token_id": "abcdef", "token_file": "/etc/tunneld/t.csv"})
+    log.info("sent Authorization: Bearer %s and Basic %s", "s3cr3t-Value_42", "dXNlcjpwYXNz")
+    out = buf.getvalue()
+    assert "a valid bearer token or client certificate is required" in out
+    if fmt == "json":
+        rec = json.loads(out.splitlines()[1])
+        assert rec["token_id"] == "abcdef" and rec["token_file"] == "/etc/tunneld/t.csv"
+    else:
+        assert "token_id=abcdef token_file=/etc/tunneld/t.csv" in out
+    assert "s3cr3t-Value_42" not in out and "dXNlcjpwYXNz" not in out
+    assert "Bearer [redacted] and Basic [redacted]" in out
+
+
+def test_tokens_of_the_token_file_are_scrubbed_from_every_line(tmp_path: Path) -> None:
+    from certs.ca import CertificateAuthority
+    from tests.certs_daemon import write_config
+    from tunneld.certsd import CertsDaemon
+    from tunneld.config import load_config
+
+    first, second = "q7-" + secrets.token_hex(8), "Zz" + secrets.token_hex(8)  # shapes no pattern recognises
+    tokens = tmp_path / "tokens.csv"
+    tokens.write_text(f'{first},admin,0,"system:masters"\n')
+    cfg = write_config(tmp_path, "127.0.0.1", extra=f'[auth]\ntoken_file = "{tokens}"\n\n')
+    CertificateAuthority.create().save(tmp_path / "ca.crt", tmp_path / "ca.key")
+    daemon = CertsDaemon(load_config(cfg.path))
+    try:
+        assert logs.redact(f"caller sent {first}") == "caller sent [redacted]"
+        tokens.write_text(f'{second},admin,0,"system:masters"\n')
+        daemon.reload(load_config(cfg.path))  # SIGHUP re-reads the file: its new tokens are scrubbed too
+        assert logs.redact(f"Authorization: {second}") == "Authorization: [redacted]"
+    finally:
+        asyncio.run(daemon.store.close())

@@ -2,9 +2,10 @@
 
 Never pass keys or tokens to a logger. As a second line of defence every formatted line goes through
 :func:`redact`, which removes what a secret looks like (PEM/OpenSSH private key blocks, bootstrap tokens'
-secret halves, ``Bearer`` credentials), the values of context fields whose names say they are secret (``token``,
-``password``, ``secret``, ``private_key``, ``authorization``), and any literal value registered with
-:func:`add_secret` (e.g. tokens read from a token file). Newlines inside a message are escaped, so one event is
+secret halves, ``Bearer`` credentials other than a short lower-case word), the values of context fields whose names
+say they are secret (``token``, ``password``, ``secret``, ``private_key``, ``authorization``; not ``*_id``,
+``*_file``, ``*_path``), and any literal value registered with :func:`add_secret` (the daemon registers every token
+of the static token file when it reads it). Newlines inside a message are escaped, so one event is
 always one line.
 """
 
@@ -23,12 +24,18 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 _SECRET_FIELD = re.compile(r"token|password|passwd|secret|private_key|privatekey|authorization|credential", re.I)
+# ...unless the name says it holds an identifier or a location: ``token_id`` is public (kubeadm prints it),
+# ``token_file`` is a path. Their values still go through :func:`redact`.
+_PUBLIC_FIELD = re.compile(r"_(?:id|ids|file|path)$", re.I)
 _PATTERNS = [
     (re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S),
      "[redacted private key]"),
     # A bootstrap token is "<id>.<secret>": the id is public (kubeadm prints it), the secret is not.
     (re.compile(r"\b([a-z0-9]{6})\.[a-z0-9]{16}\b"), r"\1.[redacted]"),
-    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{4,}"), r"\1\2[redacted]"),
+    # A credential after "Bearer"/"Basic", but not a short lower-case word: the daemon's own sentences ("a valid
+    # bearer token or client certificate") stay readable. Tokens from the token file are scrubbed as literals.
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)(?-i:(?![a-z]{1,15}(?![A-Za-z0-9._~+/=-])))[A-Za-z0-9._~+/=-]{4,}"),
+     r"\1\2[redacted]"),
 ]
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -56,7 +63,7 @@ def redact(text: str) -> str:
 
 def _context(record: logging.LogRecord) -> dict[str, object]:
     return {
-        k: "[redacted]" if _SECRET_FIELD.search(k) else v
+        k: "[redacted]" if _SECRET_FIELD.search(k) and not _PUBLIC_FIELD.search(k) else v
         for k, v in record.__dict__.items()
         if k not in _STANDARD and v is not None
     }
