@@ -97,3 +97,50 @@ async def test_gateway_accepts_our_host_certificates_and_refuses_others(bed: Ssh
         assert foreign.accepted_logins() == 0 and wrong.accepted_logins() == 0, "no login to an untrusted host"
     finally:
         await gw.stop()
+
+
+def keygen_ca(path: Path) -> Path:
+    """A host CA made by ``ssh-keygen`` (``path`` and ``path.pub``)."""
+    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "host-ca", "-f", str(path)], check=True,
+                   capture_output=True, timeout=30)
+    return path
+
+
+def keygen_sign(ca: Path, node: SshNode, principals: str | None) -> None:
+    """Certify the node's host key with OpenSSH's own ``ssh-keygen -s CA -h`` (``-n`` only when ``principals``), then
+    restart its sshd so it presents that certificate."""
+    argv = [SSH_KEYGEN, "-q", "-s", str(ca), "-h", "-I", f"{node.name}-host", "-V", "-5m:+1d"]
+    if principals is not None:
+        argv += ["-n", principals]
+    subprocess.run([*argv, str(node.host_key_pub)], check=True, capture_output=True, timeout=30)
+    node.kill_sshd()
+    node.start_sshd()
+
+
+async def test_host_certificate_must_name_the_address_dialled(bed: SshBed, tmp_path: Path) -> None:
+    ca = keygen_ca(tmp_path / "host_ca")
+    named = bed.add_node("named")
+    anyhost = bed.add_node("anyhost")   # no -n: OpenSSH reads an empty principal list as "any host"
+    misnamed = bed.add_node("misnamed")  # names only the node name, not the address the gateway dials
+    keygen_sign(ca, named, f"named,{named.address}")
+    keygen_sign(ca, anyhost, None)
+    keygen_sign(ca, misnamed, "misnamed")
+    assert "Principals: (none)" in keygen_list(anyhost.host_cert)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"@cert-authority * {(tmp_path / 'host_ca.pub').read_text().strip()}\n")
+    cfg = config_for(bed, ["named", "anyhost", "misnamed"])
+    cfg = replace(cfg, ssh=replace(cfg.ssh, known_hosts=known_hosts))
+    gw = Gateway(cfg)
+    await gw.start()
+    try:
+        await wait_for(lambda: gw.pool.tunnels["named"].state.value == "up", what="the correctly named node up")
+        # (asyncssh itself refuses a non-empty list without the address; the empty list is ours to refuse)
+        for name, why in (("anyhost", "names no principals"), ("misnamed", "principal mismatch")):
+            tunnel = gw.pool.tunnels[name]
+            await wait_for(lambda t=tunnel: t.machine.connect_failures >= 2, what=f"{name} refused twice")
+            assert tunnel.machine.connects == 0
+            assert why in (tunnel.machine.last_error or ""), tunnel.machine.last_error
+        assert named.accepted_logins() == 1
+        assert anyhost.accepted_logins() == 0 and misnamed.accepted_logins() == 0, "refused before logging in"
+    finally:
+        await gw.stop()

@@ -9,6 +9,7 @@ which SSH library carries the bytes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -65,8 +66,13 @@ class Counters:
 
 
 class _Client(asyncssh.SSHClient):
-    def __init__(self) -> None:
+    def __init__(self, dialled: str | None = None) -> None:
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._dialled = dialled
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        if self._dialled is not None:  # called before the key exchange: the host key is not checked yet
+            _require_named_host_certificate(conn, self._dialled)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -95,6 +101,32 @@ def _known_hosts(node: Node, ssh: SSHSettings) -> Any:
         return asyncssh.read_known_hosts(str(path))
     except (OSError, ValueError) as exc:
         raise HostKeyRejected(f"cannot read known_hosts {path}: {exc}") from exc
+
+
+def _require_named_host_certificate(conn: asyncssh.SSHClientConnection, dialled: str) -> None:
+    """Refuse a host certificate (from a trusted CA) unless one of its principals is ``dialled``, the address the
+    gateway connected to. OpenSSH and asyncssh take an empty principal list as "valid for every host": such a
+    certificate would let whoever holds it impersonate every node, so it is refused too. asyncssh has no option for
+    this; the connection's host-key check is wrapped (its own checks run first)."""
+    validate = conn.validate_server_host_key
+
+    def validate_named(key_data: bytes) -> asyncssh.SSHKey:
+        key = validate(key_data)
+        alg_len = int.from_bytes(key_data[:4], "big")
+        alg = key_data[4:4 + alg_len].decode("ascii", errors="replace")
+        if "-cert-" not in alg:
+            return key  # a plain host key, trusted by known_hosts or a pin
+        cert = asyncssh.import_certificate(f"{alg} {base64.b64encode(key_data).decode()}")
+        principals = ["".join(c if c.isascii() and c.isprintable() else "?" for c in p) for p in cert.principals]
+        if not principals:
+            raise asyncssh.HostKeyNotVerifiable("the host certificate names no principals (valid for any host); "
+                                                f"it must name {dialled}")
+        if dialled not in principals:
+            raise asyncssh.HostKeyNotVerifiable(f"the host certificate names {', '.join(principals)[:200]}, "
+                                                f"not {dialled}")
+        return key
+
+    conn.validate_server_host_key = validate_named  # type: ignore[method-assign]
 
 
 def _client_keys(ssh: SSHSettings) -> list[Any]:
@@ -129,7 +161,7 @@ async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None
     keys = _client_keys(ssh)
     try:
         conn, client = await asyncssh.create_connection(
-            _Client,
+            lambda: _Client(node.address if known_hosts is not None else None),
             node.address,
             node.ssh_port,
             username=ssh.user,
