@@ -117,7 +117,8 @@ def _require_named_host_certificate(conn: asyncssh.SSHClientConnection, dialled:
         if "-cert-" not in alg:
             return key  # a plain host key, trusted by known_hosts or a pin
         cert = asyncssh.import_certificate(f"{alg} {base64.b64encode(key_data).decode()}")
-        principals = ["".join(c if c.isascii() and c.isprintable() else "?" for c in p) for p in cert.principals]
+        named: list[str] = list(getattr(cert, "principals", ()))  # typed on the OpenSSH certificate class only
+        principals = ["".join(c if c.isascii() and c.isprintable() else "?" for c in p) for p in named]
         if not principals:
             raise asyncssh.HostKeyNotVerifiable("the host certificate names no principals (valid for any host); "
                                                 f"it must name {dialled}")
