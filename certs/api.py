@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 
 from certs.csr import ConditionConflict, CSRInvalid
@@ -38,6 +39,8 @@ from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
 
 log = logging.getLogger("certs.api")
 audit = logging.getLogger("certs.audit")
+http_log = logging.getLogger("certs.http")
+"""aiohttp's server logger for the API listener (see :class:`_MalformedRequests`)."""
 
 CSR_PATH = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
 CLUSTER_INFO_PATH = "/api/v1/namespaces/kube-public/configmaps/cluster-info"
@@ -52,6 +55,25 @@ class Unauthorized(Exception):
 
 class BadRequest(Exception):
     """The request body cannot be read as JSON (HTTP 400)."""
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp reports a request its parser refused (bytes not allowed in a header, ...) as an error with a traceback
+    that quotes the offending line, credentials included. Such a refusal becomes the one ``certs.audit`` line every
+    refusal is, with the parser's reason and without the quoted bytes; anything else passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        reason = ((exc.message or type(exc).__name__).splitlines() or [""])[0].strip(" :")[:100]
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        audit.warning("certificates API refused: malformed request: %s", reason,
+                      extra={"peer": str(peer or "unknown"), "status": exc.code})
+        return False
+
+
+http_log.addFilter(_MalformedRequests())
 
 
 def status(code: int, reason: str, message: str) -> web.Response:
@@ -246,7 +268,7 @@ class APIServer:
     """Runs an API application on one TCP listener (TLS)."""
 
     def __init__(self, app: web.Application) -> None:
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, logger=http_log)
         self.port: int | None = None
 
     async def start(self, host: str, port: int, context: ssl.SSLContext | None) -> None:

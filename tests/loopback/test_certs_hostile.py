@@ -237,3 +237,17 @@ async def test_pending_csrs_per_requester_are_capped_with_429(short_dir: Path,
                 assert resp.status == 200
             code, obj = await _post(s, body(pem, name="flood-3"))
             assert code == 201, obj
+
+
+async def test_header_bytes_the_parser_refuses_are_one_audit_line_without_the_bytes(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    request = (b"GET " + CSR_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr\x7ft-Value-42\r\n"
+               b"Connection: close\r\n\r\n")
+    with caplog.at_level(logging.DEBUG):
+        response = await _raw_tls(env, request)
+    assert response.split(b" ", 2)[1] == b"400"
+    audits = [r for r in caplog.records if r.name == "certs.audit"]
+    assert len(audits) == 1 and getattr(audits[0], "status", None) == 400, [r.getMessage() for r in audits]
+    assert "malformed request: Invalid header value char" in audits[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    assert "Value-42" not in caplog.text
