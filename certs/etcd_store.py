@@ -67,6 +67,17 @@ def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | Non
     return context
 
 
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole response body, at most :data:`MAX_RESPONSE` bytes. ``content.read(n)`` returns what has arrived so
+    far (one TLS record, say), so it is read until the end."""
+    body = bytearray()
+    while chunk := await resp.content.read(64 * 1024):
+        body += chunk
+        if len(body) > MAX_RESPONSE:
+            raise StoreError(f"etcd answered more than {MAX_RESPONSE} bytes")
+    return bytes(body)
+
+
 class EtcdStore:
     """A :class:`~certs.store.Store` in etcd (v3 API via the JSON gateway)."""
 
@@ -92,10 +103,13 @@ class EtcdStore:
         for endpoint in self.endpoints:
             try:
                 async with self._session.post(endpoint + path, json=body) as resp:
-                    text = await resp.content.read(MAX_RESPONSE)
+                    text = await _read_body(resp)
                     if resp.status != 200:
                         raise StoreError(f"etcd {endpoint}{path}: HTTP {resp.status}: {text[:300]!r}")
-                    return json.loads(text)  # type: ignore[no-any-return]
+                    try:
+                        return json.loads(text)  # type: ignore[no-any-return]
+                    except ValueError as exc:
+                        raise StoreError(f"etcd {endpoint}{path}: the answer is not JSON: {exc}") from exc
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 errors.append(f"{endpoint}: {exc or type(exc).__name__}")
         raise StoreError("no etcd endpoint answered: " + "; ".join(errors))
