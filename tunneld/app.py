@@ -16,6 +16,7 @@ from netnames import is_loopback, split_host_port
 from proxy.apiproxy import APIProxyFront
 from proxy.connect import ConnectFront
 from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
+from proxy.grpcfront import GRPCLimits, KonnectivityFront
 from proxy.policy import Policy, PortSet
 from proxy.server import Limits, Server
 from tunneld import __version__
@@ -99,6 +100,8 @@ class Gateway:
         lim = config.limits
         limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
         self.egress = Server("egress", self.connect_front, limits)
+        self.grpc_front = KonnectivityFront(self.dialer, self.policy, GRPCLimits(
+            lim.max_connections, config.egress.grpc_max_pending_dials, lim.header_timeout))
         self.proxy = Server("proxy", self.api_front, limits)
         status_app = make_app(self.pool, self.info, self.health, self.metrics)
         if self.certs is not None:
@@ -130,6 +133,7 @@ class Gateway:
             "host_key_check": "disabled" if self.config.ssh.insecure_skip_host_key_check else "strict",
             "kubelet_tls": "verified" if self.kubelet_tls_verified else "unverified",
             "egress_connections": self.egress.connections,
+            "grpc_streams": self.grpc_front.streams,
             "proxy_connections": self.proxy.connections,
             "inventory": self.kube.snapshot() if self.kube is not None else {"source": "file"},
         }
@@ -146,6 +150,8 @@ class Gateway:
         if e.listen is not None:
             host, port = split_host_port(e.listen)
             await self.egress.listen_tcp(host, port, self.tls.server("egress listener", e.tls))
+        if e.grpc_socket is not None:
+            await self.grpc_front.listen_unix(e.grpc_socket, e.socket_mode)
         if p.listen is not None:
             host, port = split_host_port(p.listen)
             if not is_loopback(host) and (p.tls is None or p.tls.client_ca is None):  # as load_config demands
@@ -218,6 +224,7 @@ class Gateway:
         effective = replace(self.config, nodes=tuple(merged))
         self.policy = build_policy(effective)
         self.connect_front.policy = self.policy
+        self.grpc_front.policy = self.policy
         self.api_front.policy = self.policy
         self.directory.update(*directory_entries(effective))
         if self.certs is not None:
@@ -233,7 +240,8 @@ class Gateway:
         await self.egress.stop_accepting()
         await self.proxy.stop_accepting()
         await self.api_front.pods.close()
-        await asyncio.gather(self.egress.close(grace), self.proxy.close(grace))  # one grace period for both
+        # One grace period for every front.
+        await asyncio.gather(self.egress.close(grace), self.proxy.close(grace), self.grpc_front.close(grace))
         await self.status.stop()
         if self.certs is not None:
             await self.certs.stop()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,57 @@ async def started(cfg: Config) -> Gateway:
     await gw.start()
     await wait_for(lambda: all_up(gw), what="all tunnels up")
     return gw
+
+
+ECHO_PORT = 7777
+SOURCE_PORT = 7778
+MiB = 1024 * 1024
+
+
+@dataclass
+class NodeServers:
+    """A TCP echo and a byte source on every simulated node's address (reached via the node's "loopback")."""
+
+    servers: list[asyncio.Server]
+    source_written: list[int]
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def node_servers(cluster: DevCluster) -> AsyncIterator[NodeServers]:
+    written = [0]
+
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Writes a deterministic stream of 64 MiB as fast as the reader takes it."""
+        try:
+            for i in range(64):
+                writer.write(bytes([i]) * MiB)
+                await writer.drain()
+                written[0] += MiB
+            writer.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    servers = []
+    for sim in cluster.sim_nodes:
+        servers.append(await asyncio.start_server(_echo, sim.address, ECHO_PORT))
+        servers.append(await asyncio.start_server(source, sim.address, SOURCE_PORT))
+    try:
+        yield NodeServers(servers, written)
+    finally:
+        for server in servers:
+            server.close()

@@ -10,8 +10,8 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,61 +25,10 @@ from tunneld.dev.pki import DevCA
 
 from ..curl import curl
 from ..relay import unix_relay
-from .conftest import fast_config, started, wait_for
+from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, fast_config, started, wait_for
 
-ECHO_PORT = 7777
-SOURCE_PORT = 7778
 MiB = 1024 * 1024
 T = TypeVar("T")
-
-
-@dataclass
-class NodeServers:
-    """A TCP echo and a byte source on every simulated node's address (reached via the node's "loopback")."""
-
-    servers: list[asyncio.Server]
-    source_written: list[int]
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
-@pytest.fixture
-async def node_servers(cluster: DevCluster) -> AsyncIterator[NodeServers]:
-    written = [0]
-
-    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Writes a deterministic stream of 64 MiB as fast as the reader takes it."""
-        try:
-            for i in range(64):
-                writer.write(bytes([i]) * MiB)
-                await writer.drain()
-                written[0] += MiB
-            writer.write_eof()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    servers = []
-    for sim in cluster.sim_nodes:
-        servers.append(await asyncio.start_server(_echo, sim.address, ECHO_PORT))
-        servers.append(await asyncio.start_server(source, sim.address, SOURCE_PORT))
-    try:
-        yield NodeServers(servers, written)
-    finally:
-        for server in servers:
-            server.close()
 
 
 def egress_config(cluster: DevCluster, sock: Path | None, **egress: object) -> Config:

@@ -32,6 +32,7 @@ from tunneld.dev.pki import DevCA
 from tunneld.dev.podapps import ECHO_PORT
 
 from ..curl import curl
+from ..konnectivity import Client, DialFailed
 from ..relay import unix_relay
 from ..wsclient import read_channel, recv_until_closed, status_of
 from .conftest import write_config
@@ -116,7 +117,8 @@ def _config(c: Cluster) -> Path:
         text = text.replace(f'name = "{node.name}"\n', f'name = "{node.name}"\npod_cidr = "10.250.{i + 1}.0/24"\n')
     text = text.replace("[status]", (
         f'[kubelet]\ncertificate_authority = "{c.kubelet_ca}"\n\n'
-        f'[egress]\nsocket = "{c.egress}"\nlisten = "127.0.0.1:0"\ntls_cert = "{c.workdir / "egress.crt"}"\n'
+        f'[egress]\nsocket = "{c.egress}"\ngrpc_socket = "{c.workdir / "grpc.sock"}"\n'
+        f'listen = "127.0.0.1:0"\ntls_cert = "{c.workdir / "egress.crt"}"\n'
         f'tls_key = "{c.workdir / "egress.key"}"\nclient_ca = "{c.workdir / "egress-ca.crt"}"\n\n'
         f'[proxy]\nlisten = "127.0.0.1:0"\ntarget_certificate_authority = "{c.pod_ca}"\npods_refresh = 1\n\n'
         '[[services]]\nnamespace = "default"\nname = "web"\n'
@@ -261,3 +263,52 @@ async def test_a_dead_node_fails_fast_and_the_other_keeps_serving(cluster: Clust
     assert time.monotonic() - started < 5
     r = await curl(f"http://{base(gw)}/api/v1/nodes/node-1/proxy/healthz")
     assert r.stdout == b"ok"
+
+
+@pytest.mark.both_loops
+async def test_konnectivity_grpc_through_real_sshd(cluster: Cluster, gw: Gateway) -> None:
+    """An apiserver-shaped gRPC client: a pod's echo byte-exact both ways, the kubelet's TLS, refusals, tunnel loss."""
+    client = Client(cluster.workdir / "grpc.sock")
+    try:
+        conn = await client.dial(f"{cluster.pod_ip(1)}:{ECHO_PORT}")
+        blob = os.urandom(16 * MiB)
+        sent = asyncio.create_task(_send_all(conn, blob))
+        got = bytearray()
+        async with asyncio.timeout(60):
+            while len(got) < len(blob):
+                got += await conn.read()
+        await sent
+        assert hashlib.sha256(got).digest() == hashlib.sha256(blob).digest()
+        assert await conn.close() == ""
+        with pytest.raises(DialFailed, match="not a node, pod or service"):
+            await client.dial("198.51.100.7:443")
+        # The kubelet's TLS through the stream (its certificate names the node and chains to the kubelet CA).
+        node = cluster.nodes[0]
+        conn = await client.dial(f"{node.address}:10250")
+        ctx = ssl.create_default_context(cafile=str(cluster.kubelet_ca))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname=node.address)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        await conn.write(outgoing.read())
+                    incoming.write(await conn.read())
+        assert tls.version() is not None
+        # The node's sshd killed mid-stream: CLOSE_RSP carries an error, never a clean end.
+        conn = await client.dial(f"{cluster.pod_ip(0)}:{ECHO_PORT}")
+        await conn.write(b"ping")
+        assert await conn.read() == b"ping"
+        node.kill_sshd()
+        _, error = await asyncio.wait_for(conn.read_all(), 30)
+        assert error
+    finally:
+        await client.close()
+
+
+async def _send_all(conn: object, blob: bytes) -> None:
+    for i in range(0, len(blob), 256 * 1024):
+        await conn.write(blob[i:i + 256 * 1024])  # type: ignore[attr-defined]

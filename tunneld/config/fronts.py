@@ -41,8 +41,11 @@ def listener_sections(e: Section, p: Section, problems: list[str]) -> tuple[Egre
         e.problem("socket_mode", "must not give access to others (use a group: 0660)")
     egress = EgressSettings(
         socket=e.path("socket", None), socket_mode=mode, listen=e.get("listen", str, None),
-        tls=tls_keys(e, problems, require_client_ca=True),
+        tls=tls_keys(e, problems, require_client_ca=True), grpc_socket=e.path("grpc_socket", None),
+        grpc_max_pending_dials=e.integer("grpc_max_pending_dials", 256, minimum=1, maximum=100_000),
     )
+    if egress.socket is not None and egress.socket == egress.grpc_socket:
+        e.problem("grpc_socket", f"{egress.grpc_socket} is also egress.socket: the two fronts need their own sockets")
     if egress.listen is not None:
         try:
             split_host_port(egress.listen)

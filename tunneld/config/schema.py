@@ -95,13 +95,19 @@ class TLSServerSettings:
 
 @dataclass(frozen=True)
 class EgressSettings:
-    """The HTTP CONNECT front kube-apiserver uses as its egress proxy."""
+    """The egress fronts kube-apiserver uses: HTTP CONNECT (unix socket and/or mutual-TLS TCP) and Konnectivity's
+    gRPC protocol (unix socket)."""
 
     socket: Path | None = None
     socket_mode: int = 0o600
+    """File mode of both unix sockets (``socket`` and ``grpc_socket``)."""
     listen: str | None = None
     """``host:port`` for mutual-TLS TCP (``tls`` is then required, with a client CA)."""
     tls: TLSServerSettings | None = None
+    grpc_socket: Path | None = None
+    """Unix socket for ``proxyProtocol: GRPC`` (konnectivity-client's ``ProxyService.Proxy``)."""
+    grpc_max_pending_dials: int = 256
+    """gRPC dials waiting for their tunnel at once; more are refused with an error in DIAL_RSP."""
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ class DevCluster:
         return self.workdir / "egress.sock"
 
     @property
+    def grpc_socket(self) -> Path:
+        """The Konnectivity gRPC front's unix socket."""
+        return self.workdir / "grpc.sock"
+
+    @property
     def proxy_url(self) -> str:
         """Base URL of the proxy-URL front."""
         return f"http://127.0.0.1:{self.proxy_port}"
@@ -122,7 +127,7 @@ class DevCluster:
             "[health]\nperiod = 2\ntimeout = 2\n\n"
             f'[status]\nsocket = "{self.workdir / "tunneld.sock"}"\n\n'
             '[kubelet]\ncertificate_authority = "kubelet-ca.crt"\n\n'
-            f'[egress]\nsocket = "{self.egress_socket}"\n\n'
+            f'[egress]\nsocket = "{self.egress_socket}"\ngrpc_socket = "{self.grpc_socket}"\n\n'
             f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\ntarget_certificate_authority = "pod-ca.crt"\n\n'
             '[[services]]\nnamespace = "default"\nname = "web"\n'
             f"endpoints = [{endpoints}]\n"
