@@ -55,6 +55,7 @@ def build_policy(config: Config) -> Policy:
         pod_networks=tuple(n.pod_cidr for n in config.nodes if n.pod_cidr is not None),
         pod_ports=PortSet.parse(config.policy.pod_ports),
         service_hosts={h: frozenset(p) for h, p in service_hosts.items()},
+        allow_pod_gateway=config.policy.allow_pod_gateway,
     )
 
 
