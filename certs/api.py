@@ -22,9 +22,7 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import ssl
-import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -32,6 +30,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 
+import netnames
 from certs.csr import ConditionConflict, CSRInvalid
 from certs.service import CertService, Forbidden, QuotaExceeded
 from certs.store import AlreadyExists, Conflict, Contended, NotFound, StoreError
@@ -110,12 +109,7 @@ def tls_authenticator(service: CertService) -> Authenticate:
 def peer_uid(request: web.Request) -> int | None:
     """The uid of the process on the other end of a unix socket connection (``SO_PEERCRED``), else None."""
     transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    return netnames.peer_uid(transport.get_extra_info("socket") if transport is not None else None)
 
 
 def local_authenticator(admin_uids: Iterable[int] | None = None) -> Authenticate:

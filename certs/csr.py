@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import re
 import secrets
 import string
 import uuid
@@ -26,6 +25,7 @@ from typing import Any
 from cryptography import x509
 
 from certs.tokens import Identity
+from netnames import is_dns_subdomain
 
 APPROVED, DENIED, FAILED = "Approved", "Denied", "Failed"
 CONDITION_TYPES = (APPROVED, DENIED, FAILED)
@@ -33,7 +33,6 @@ MAX_REQUEST_PEM = 64 * 1024
 MIN_EXPIRATION_SECONDS = 600
 MAX_EXPIRATION_SECONDS = 2**31 - 1
 """Kubernetes' bounds for ``spec.expirationSeconds`` (an int32 of at least 10 minutes)."""
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 KNOWN_USAGES = frozenset({
     "signing", "digital signature", "content commitment", "key encipherment", "key agreement", "data encipherment",
@@ -229,8 +228,9 @@ def from_request_body(body: Any, caller: Identity, now: dt.datetime | None = Non
         if not isinstance(prefix, str) or not prefix:
             raise CSRInvalid("metadata.name: name or generateName is required")
         name = _generate_name(prefix[:200])
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise CSRInvalid(f"metadata.name: {name!r} is not a valid name (lower-case DNS subdomain)")
+    if not is_dns_subdomain(name):
+        shown = repr(name[:80] if isinstance(name, str) else name)[:100]
+        raise CSRInvalid(f"metadata.name: {shown} is not a valid name (lower-case DNS subdomain)")
     request_b64 = spec.get("request")
     if not isinstance(request_b64, str) or not request_b64:
         raise CSRInvalid("spec.request: required (base64 of a PEM certificate request)")

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from certs.ca import CertificateAuthority, Usages, cert_pem
 from certs.csr import CSR, MIN_EXPIRATION_SECONDS
 from certs.tokens import NODE_USER_PREFIX, NODES_GROUP
+from netnames import normalize_host
 
 KUBELET_CLIENT = "kubernetes.io/kube-apiserver-client-kubelet"
 KUBELET_SERVING = "kubernetes.io/kubelet-serving"
@@ -35,14 +36,6 @@ DEFAULT_LIFETIME = dt.timedelta(days=365)
 
 class SignerRuleError(ValueError):
     """The CSR breaks its signer's rules."""
-
-
-def normalize_host(value: str) -> str:
-    """IP addresses in canonical form, host names lower-case without a trailing dot."""
-    try:
-        return str(ipaddress.ip_address(value.strip("[]")))
-    except ValueError:
-        return value.lower().rstrip(".")
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,20 @@ import h11
 
 from proxy.client import get
 from proxy.dialer import Dialer
-from proxy.directory import Directory, NodeInfo, PodCache, PodInfo, parse_pod_list
+from proxy.directory import Directory, NodeInfo, PodCache, PodConflict, PodInfo
 from proxy.forward import Upstream, forward, is_upgrade, open_upstream
+from proxy.podlist import MAX_POD_LIST_BYTES, PodListRefused, parse_pod_list
 from proxy.policy import Policy
 from proxy.routes import Route, RouteError, parse
 from proxy.server import Exchange
 
 log = logging.getLogger("proxy.api")
+audit = logging.getLogger("proxy.audit")
 
 PROXY_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 STREAM_METHODS = frozenset({b"GET", b"POST"})
 LOG_PARAMS = ("follow", "previous", "timestamps", "sinceSeconds", "sinceTime", "tailLines", "limitBytes", "stream")
 EXEC_FLAGS = (("stdin", "input"), ("stdout", "output"), ("stderr", "error"), ("tty", "tty"))
-MAX_POD_LIST = 32 * 1024 * 1024
 
 
 def _true(value: str) -> bool:
@@ -65,7 +66,13 @@ class APIProxyFront:
         status, body = await fetch(self.dialer, self.policy, self.kubelet(node), "/pods", self.response_timeout)
         if status != 200:
             raise RuntimeError(f"kubelet answered {status} to GET /pods")
-        return parse_pod_list(node.name, body)
+        listed = parse_pod_list(node.name, body, address=node.address, pod_cidrs=node.pod_cidrs)
+        for reason in listed.refused[:10]:
+            audit.warning("pod refused from the kubelet of node %s: %s", node.name, reason, extra={"node": node.name})
+        if len(listed.refused) > 10:
+            audit.warning("%d more pods refused from the kubelet of node %s", len(listed.refused) - 10, node.name,
+                          extra={"node": node.name})
+        return listed.pods
 
     async def __call__(self, ex: Exchange) -> None:
         while True:
@@ -110,7 +117,10 @@ class APIProxyFront:
         if route.kind == "service":
             return self._service(route), route.path + query, False
         assert route.namespace is not None
-        pod = await self.pods.get(route.namespace, route.name)
+        try:
+            pod = await self.pods.get(route.namespace, route.name)
+        except PodConflict as exc:
+            raise RouteError(502, str(exc)) from exc
         if pod is None and self.pods.unlisted:
             # Not a 404: the pod may live on a node whose kubelet we could not ask.
             nodes = ", ".join(sorted(self.pods.unlisted))
@@ -202,10 +212,10 @@ async def fetch(dialer: Dialer, policy: Policy, up: Upstream, path: str, timeout
     stream = await open_upstream(dialer, policy, up)
     try:
         async with asyncio.timeout(timeout):
-            status, body, complete = await get(stream, up.authority, path, max_body=MAX_POD_LIST,
+            status, body, complete = await get(stream, up.authority, path, max_body=MAX_POD_LIST_BYTES,
                                                headers=[("Accept", "application/json")])
     finally:
         await stream.close()
     if not complete:
-        raise RuntimeError(f"response from {up.what} larger than {MAX_POD_LIST} bytes")
+        raise PodListRefused(f"response from {up.what} is larger than {MAX_POD_LIST_BYTES} bytes")
     return status, body

@@ -1,5 +1,5 @@
-"""Destination addresses: how a host is keyed (:func:`host_key`), and longest-prefix lookup of an address among many
-networks (pod CIDRs of thousands of nodes) in a few dict lookups.
+"""Destination addresses: longest-prefix lookup of an address among many networks (pod CIDRs of thousands of
+nodes) in a few dict lookups.
 
 Networks are grouped by IP version and prefix length; a lookup masks the address once per prefix length present
 (usually one or two) instead of testing every network, so a dial costs the same with 5 nodes or 5,000.
@@ -7,24 +7,12 @@ Networks are grouped by IP version and prefix length; a lookup masks the address
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from netnames import IPAddress, IPNetwork
+
 T = TypeVar("T")
-
-
-def host_key(host: str) -> tuple[str, IPAddress | None]:
-    """A destination host as policy and ownership look it up: ``[v6]`` brackets dropped, an IP literal in its
-    canonical form (and parsed), a name lower-cased without a trailing dot."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ip = ipaddress.ip_address(bare)
-    except ValueError:
-        return bare.lower().rstrip("."), None
-    return str(ip), ip
 
 
 class NetworkTable(Generic[T]):

@@ -12,12 +12,12 @@ Who may connect is decided by the listener: permissions on the unix socket, or a
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 
 import h11
 
+from netnames import split_authority
 from proxy.dialer import Dialer, DialError
 from proxy.policy import Policy
 from proxy.server import Exchange
@@ -28,29 +28,12 @@ audit = logging.getLogger("proxy.audit")
 
 
 def parse_authority(target: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError.
+    """``host:port`` or ``[v6]:port`` -> (host in its normal form, port); raises ValueError.
 
-    ASCII only (``str.isdigit`` and ``int`` would take other scripts' digits), and no IPv6 zone identifier: what the
-    policy checks must be exactly what the node's sshd is asked to connect to.
+    ASCII only, no IPv6 zone identifier, and the host normalised (:func:`netnames.split_authority`): what the policy
+    checks must be exactly what the node's sshd is asked to connect to.
     """
-    if not target.isascii():
-        raise ValueError("non-ASCII characters in the authority")
-    if target.startswith("["):
-        host, sep, port = target[1:].partition("]:")
-        if not sep:
-            raise ValueError("bad IPv6 authority")
-        if "%" in host:
-            raise ValueError("IPv6 zone identifiers are not allowed")
-        ipaddress.IPv6Address(host)
-    else:
-        host, sep, port = target.rpartition(":")
-        if not sep or not host or ":" in host:
-            raise ValueError("expected host:port")
-    if not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
-        raise ValueError("bad port")
-    if not host.replace("-", "").replace(".", "").replace("_", "").isalnum() and ":" not in host:
-        raise ValueError("bad host")
-    return host, int(port)
+    return split_authority(target)
 
 
 class ConnectFront:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, runtime_checkable
 
+from netnames import normalize_host
+
 
 class DialError(Exception):
     """A dial failed. ``status`` is the HTTP status a front should answer with."""
@@ -101,7 +103,8 @@ class Stream(Protocol):
 
 
 class Dialer(Protocol):
-    """Opens streams to ``host:port`` on the cluster side."""
+    """Opens streams to ``host:port`` on the cluster side. A dialer connects to the host in its normal form
+    (:func:`netnames.normalize_host`), the form a :class:`~proxy.policy.Policy` checks."""
 
     async def dial(self, host: str, port: int) -> Stream:
         """Open a stream or raise :class:`DialError`."""
@@ -147,6 +150,7 @@ class TCPDialer:
         self._timeout = timeout
 
     async def dial(self, host: str, port: int) -> Stream:
+        host = normalize_host(host)  # what a policy checked, never a spelling the resolver reads differently
         try:
             async with asyncio.timeout(self._timeout):
                 reader, writer = await asyncio.open_connection(host, port)

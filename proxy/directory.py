@@ -3,20 +3,30 @@
 There is no apiserver to ask, so pods are found the way the kubelet knows them: ``GET /pods`` on each node's kubelet
 through its tunnel. Results are cached; a lookup of an unknown pod refreshes at most once per ``min_refresh`` seconds
 (single flight, bounded concurrency), and a background task refreshes every ``refresh`` seconds.
+
+Each node speaks only for its own pods (:mod:`proxy.podlist` checks ``spec.nodeName`` and the pod IPs against the
+node's pod CIDRs and address). A pod name two nodes both claim is a conflict (:class:`PodConflict`, answered 502
+naming both nodes), never resolved by which node answered last. A node whose list cannot be had or is refused keeps
+its previous list.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from netnames import IPNetwork
 from proxy.dialer import DialError
+from proxy.podlist import PodInfo, PodList, PodListRefused, parse_pod_list
+
+__all__ = ["Directory", "NodeInfo", "PodCache", "PodConflict", "PodInfo", "PodList", "PodListRefused",
+           "ServiceInfo", "ServicePortInfo", "parse_pod_list"]
 
 log = logging.getLogger("proxy.pods")
+audit = logging.getLogger("proxy.audit")
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,8 @@ class NodeInfo:
     name: str
     address: str
     kubelet_port: int = 10250
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    """The node's pod networks (one per IP family): the only pod IPs its kubelet may claim, besides its address."""
 
 
 @dataclass(frozen=True)
@@ -42,16 +54,6 @@ class ServiceInfo:
     endpoints: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class PodInfo:
-    namespace: str
-    name: str
-    node: str
-    ip: str
-    containers: tuple[str, ...]
-    ports: tuple[int, ...] = ()
-
-
 class Directory:
     """Nodes and services by name; replaced as a whole on reload."""
 
@@ -65,21 +67,12 @@ class Directory:
         self.services = {(s.namespace, s.name): s for s in services}
 
 
-def parse_pod_list(node: str, body: bytes) -> list[PodInfo]:
-    """Pods from a kubelet's ``/pods`` PodList JSON."""
-    data = json.loads(body)
-    pods = []
-    for item in data.get("items") or []:
-        meta, spec, status = item.get("metadata", {}), item.get("spec", {}), item.get("status", {})
-        containers = spec.get("containers") or []
-        ports = tuple(
-            int(p["containerPort"]) for c in containers for p in (c.get("ports") or []) if "containerPort" in p
-        )
-        pods.append(PodInfo(
-            namespace=meta.get("namespace", "default"), name=meta.get("name", ""), node=node,
-            ip=status.get("podIP", ""), containers=tuple(c.get("name", "") for c in containers), ports=ports,
-        ))
-    return pods
+class PodConflict(Exception):
+    """Two or more nodes claim a pod of the same namespace and name."""
+
+    def __init__(self, namespace: str, name: str, nodes: tuple[str, ...]) -> None:
+        super().__init__(f"pod {namespace}/{name} is claimed by nodes {', '.join(nodes)}; refusing to choose")
+        self.nodes = nodes
 
 
 FetchPods = Callable[[NodeInfo], Awaitable[list[PodInfo]]]
@@ -99,6 +92,9 @@ class PodCache:
         self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock
         self._pods: dict[tuple[str, str], PodInfo] = {}
+        self._by_node: dict[str, list[PodInfo]] = {}
+        self.conflicts: dict[tuple[str, str], tuple[str, ...]] = {}
+        """Pod names claimed by more than one node, with the nodes."""
         self.unlisted: dict[str, str] = {}
         """Nodes whose pods the last refresh could not list, with the error: a missing pod may be on them."""
         self._refreshed_at: float | None = None
@@ -106,13 +102,20 @@ class PodCache:
         self._loop_task: asyncio.Task[None] | None = None
 
     async def get(self, namespace: str, name: str) -> PodInfo | None:
-        """The pod, refreshing once if it is not known yet (and the cache is not brand new)."""
-        pod = self._pods.get((namespace, name))
+        """The pod, refreshing once if it is not known yet (and the cache is not brand new). Raises
+        :class:`PodConflict` for a name more than one node claims."""
+        pod = self._lookup(namespace, name)
         if pod is not None:
             return pod
         now = self._clock()
         if self._refreshed_at is None or now - self._refreshed_at >= self.min_refresh:
             await self.refresh()
+        return self._lookup(namespace, name)
+
+    def _lookup(self, namespace: str, name: str) -> PodInfo | None:
+        nodes = self.conflicts.get((namespace, name))
+        if nodes is not None:
+            raise PodConflict(namespace, name, nodes)
         return self._pods.get((namespace, name))
 
     async def refresh(self) -> None:
@@ -133,19 +136,31 @@ class PodCache:
                 except Exception as exc:  # one bad kubelet must not hide the others' pods
                     # A tunnel that is (re)connecting (503) is already logged by the pool; it is retried soon.
                     transient = isinstance(exc, DialError) and exc.status == 503
+                    if isinstance(exc, PodListRefused):
+                        audit.warning("pod list refused, the previous one is kept: %s", exc, extra={"node": node.name})
                     log.log(logging.INFO if transient else logging.WARNING, "listing pods failed: %s", exc,
                             extra={"node": node.name})
                     unlisted[node.name] = str(exc) or type(exc).__name__
                     return None
 
         results = await asyncio.gather(*(one(n) for n in nodes))
-        pods = {}
+        by_node: dict[str, list[PodInfo]] = {}
         for node, result in zip(nodes, results, strict=True):
-            if result is None:  # keep what we knew about a node we could not reach
-                result = [p for p in self._pods.values() if p.node == node.name]
-            for pod in result:
-                pods[(pod.namespace, pod.name)] = pod
-        self._pods = pods
+            # keep what we knew about a node we could not reach, or whose list was refused
+            by_node[node.name] = result if result is not None else self._by_node.get(node.name, [])
+        claims: dict[tuple[str, str], list[PodInfo]] = {}
+        for node_pods in by_node.values():
+            for pod in node_pods:
+                claims.setdefault((pod.namespace, pod.name), []).append(pod)
+        conflicts = {key: tuple(sorted({p.node for p in found})) for key, found in claims.items()
+                     if len({p.node for p in found}) > 1}
+        for (ns, name), claimants in conflicts.items():
+            if self.conflicts.get((ns, name)) != claimants:
+                audit.warning("pod %s/%s is claimed by nodes %s: refused until only one does", ns, name,
+                              ", ".join(claimants), extra={"status": 502})
+        self._by_node = by_node
+        self._pods = {key: found[0] for key, found in claims.items() if key not in conflicts}
+        self.conflicts = conflicts
         self.unlisted = unlisted
         self._refreshed_at = self._clock()
 

@@ -2,41 +2,22 @@
 
 A destination is allowed only if its host is a node (name or address), an address in a node's pod CIDR, or a
 service's cluster IP or endpoint, and its port is one allowed for that kind of host: a node's kubelet port plus
-``node_ports``; ``pod_ports`` for pod addresses; a service's ports (and target ports, for endpoints).
+``node_ports``; ``pod_ports`` for pod addresses; a service's ports (and target ports, for endpoints). The first
+address of a pod CIDR is the node's bridge (the node itself, with every port it listens on), not a pod: it is allowed
+only with ``allow_pod_gateway``.
+
+The host is checked in its normal form (:func:`netnames.normalize_host`); dialers send that same form to the node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from proxy.cidr import IPNetwork, NetworkTable, host_key
+from netnames import IPNetwork, PortSet, host_key
+from proxy.cidr import NetworkTable
 from proxy.dialer import DestinationNotAllowed
 
-
-@dataclass(frozen=True)
-class PortSet:
-    """Ports as inclusive ranges."""
-
-    ranges: tuple[tuple[int, int], ...] = ()
-
-    @classmethod
-    def parse(cls, items: Iterable[int | str]) -> PortSet:
-        """From ``[10250, "30000-32767"]``; raises ValueError on a bad item."""
-        ranges = []
-        for item in items:
-            text = str(item).strip()
-            lo, sep, hi = text.partition("-")
-            if not lo.isdigit() or (sep and not hi.isdigit()):
-                raise ValueError(f"{item!r} is not a port or a port range")
-            a, b = int(lo), int(hi) if sep else int(lo)
-            if not 1 <= a <= b <= 65535:
-                raise ValueError(f"{item!r} is not within 1-65535")
-            ranges.append((a, b))
-        return cls(tuple(ranges))
-
-    def __contains__(self, port: object) -> bool:
-        return isinstance(port, int) and any(a <= port <= b for a, b in self.ranges)
+__all__ = ["Policy", "PortSet"]
 
 
 @dataclass(frozen=True)
@@ -45,15 +26,17 @@ class Policy:
 
     node_hosts: dict[str, int] = field(default_factory=dict)
     """Node name or address -> its kubelet port."""
-    node_ports: PortSet = PortSet()
+    node_ports: PortSet = field(default_factory=PortSet)
     pod_networks: tuple[IPNetwork, ...] = ()
-    pod_ports: PortSet = PortSet(((1, 65535),))
+    pod_ports: PortSet = field(default_factory=lambda: PortSet(((1, 65535),)))
     service_hosts: dict[str, frozenset[int]] = field(default_factory=dict)
     """Service cluster IP or endpoint address -> allowed ports."""
-    _pod_table: NetworkTable[bool] = field(init=False, repr=False, compare=False)
+    allow_pod_gateway: bool = False
+    """Whether the first address of a pod CIDR (the node's bridge) counts as a pod address."""
+    _pod_table: NetworkTable[IPNetwork] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_pod_table", NetworkTable((net, True) for net in self.pod_networks))
+        object.__setattr__(self, "_pod_table", NetworkTable((net, net) for net in self.pod_networks))
 
     def check(self, host: str, port: int) -> None:
         """Raise :class:`DestinationNotAllowed` unless ``host:port`` is allowed."""
@@ -66,7 +49,11 @@ class Policy:
         ports = self.service_hosts.get(key)
         if ports is not None and port in ports:
             return
-        if ip is not None and self._pod_table.lookup(ip):
+        net = self._pod_table.lookup(ip) if ip is not None else None
+        if net is not None:
+            if ip == net.network_address + 1 and net.num_addresses > 2 and not self.allow_pod_gateway:
+                raise DestinationNotAllowed(f"{host} is the bridge address of pod network {net}, not a pod "
+                                            "(policy.allow_pod_gateway)")
             if port in self.pod_ports:
                 return
             raise DestinationNotAllowed(f"port {port} on pod address {host} is not allowed (policy.pod_ports)")

@@ -17,11 +17,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from netnames import is_dns_subdomain, is_port_name, parse_port
+
 SUBRESOURCES = ("log", "exec", "attach", "portforward")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_PORT = re.compile(r"^([0-9]{1,5}|[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?)$")
-# Matched with fullmatch: "$" alone would also accept a trailing newline.
-_PATH_CHARS = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$")
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 
 
 class RouteError(Exception):
@@ -61,7 +60,7 @@ def _segment(raw: str, what: str) -> str:
 
 def _name(raw: str, what: str) -> str:
     value = _segment(raw, what)
-    if value in (".", "..") or not _NAME.fullmatch(value):
+    if not is_dns_subdomain(value):
         raise RouteError(400, f"invalid {what} {value!r}")
     return value
 
@@ -79,12 +78,13 @@ def split_scheme_name_port(ident: str) -> tuple[str, str, str]:
         raise RouteError(400, f"invalid id {ident!r}: expected [scheme:]name[:port]")
     if scheme not in ("", "http", "https"):
         raise RouteError(400, f"invalid scheme {scheme!r}: expected http or https")
-    if not name or not _NAME.fullmatch(name):
+    if not is_dns_subdomain(name):
         raise RouteError(400, f"invalid name {name!r}")
-    if port and not _PORT.fullmatch(port):
-        raise RouteError(400, f"invalid port {port!r}")
-    if port.isdigit() and not 0 < int(port) < 65536:
-        raise RouteError(400, f"invalid port {port!r}")
+    if port and not is_port_name(port):
+        try:
+            port = str(parse_port(port))
+        except ValueError:
+            raise RouteError(400, f"invalid port {port!r}") from None
     return scheme, name, port
 
 

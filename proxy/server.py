@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import h11
+
+from netnames import peer_cred
 
 log = logging.getLogger("proxy.server")
 audit = logging.getLogger("proxy.audit")
@@ -405,13 +406,8 @@ def _peer(writer: asyncio.StreamWriter) -> Peer:
     addr = writer.get_extra_info("peername")
     if isinstance(addr, tuple):
         return Peer(f"{addr[0]}:{addr[1]}", identity)
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_UNIX:
-        with contextlib.suppress(OSError):
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            return Peer("unix", f"uid={uid},pid={pid}")
-    return Peer("unix")
+    cred = peer_cred(writer.get_extra_info("socket"))
+    return Peer("unix", f"uid={cred.uid},pid={cred.pid}" if cred is not None else None)
 
 
 def prepare_socket_path(path: Path) -> None:

@@ -10,12 +10,12 @@ identities we expect for the target (for a kubelet: the node's address or name) 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 from collections.abc import Iterable
 
 from cryptography import x509
 
+from netnames import host_key, normalize_host
 from proxy.dialer import DialError, Stream, StreamError
 
 READ = 256 * 1024
@@ -41,15 +41,8 @@ def certificate_names(der: bytes) -> list[str]:
 
 
 def _matches(names: list[str], wanted: Iterable[str]) -> bool:
-    have = set(names)
-    for w in wanted:
-        try:
-            w = str(ipaddress.ip_address(w.strip("[]")))
-        except ValueError:
-            w = w.lower().rstrip(".")
-        if w in have:
-            return True
-    return False
+    have = {normalize_host(n) for n in names}
+    return any(normalize_host(w) in have for w in wanted)
 
 
 class TLSStream:
@@ -166,11 +159,7 @@ class TLSStream:
 
 
 def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
+    return host_key(host)[1] is not None
 
 
 def client_context(

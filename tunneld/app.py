@@ -55,11 +55,13 @@ def build_policy(config: Config) -> Policy:
         pod_networks=tuple(n.pod_cidr for n in config.nodes if n.pod_cidr is not None),
         pod_ports=PortSet.parse(config.policy.pod_ports),
         service_hosts={h: frozenset(p) for h, p in service_hosts.items()},
+        allow_pod_gateway=config.policy.allow_pod_gateway,
     )
 
 
 def directory_entries(config: Config) -> tuple[list[NodeInfo], list[ServiceInfo]]:
-    nodes = [NodeInfo(n.name, n.address, n.kubelet_port) for n in config.nodes]
+    nodes = [NodeInfo(n.name, n.address, n.kubelet_port, (n.pod_cidr,) if n.pod_cidr is not None else ())
+             for n in config.nodes]
     services = [
         ServiceInfo(s.namespace, s.name, tuple(ServicePortInfo(p.port, p.target_port, p.name) for p in s.ports),
                     s.cluster_ip, s.endpoints)

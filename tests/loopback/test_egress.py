@@ -186,7 +186,7 @@ async def test_refusals_have_a_status_line_and_reason(cluster: DevCluster, short
             (f"CONNECT {node.address}:22 HTTP/1.1\r\nHost: x\r\n\r\n".encode(), b"403", b"policy.node_ports"),
             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"405", b"only supports CONNECT"),
             (b"CONNECT nonsense HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"invalid CONNECT target"),
-            (b"CONNECT 10.0.0.1:99999 HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"bad port"),
+            (b"CONNECT 10.0.0.1:99999 HTTP/1.1\r\nHost: x\r\n\r\n", b"400", b"is not a port"),
             (b"NOT HTTP AT ALL\r\n\r\n", b"400", b"malformed"),
         ]
         for request, status, reason in cases:

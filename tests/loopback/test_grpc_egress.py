@@ -88,7 +88,7 @@ async def test_refusals_are_dial_responses_with_a_reason(cluster: DevCluster, sh
             ("127.0.0.53:53", "not a node, pod or service"),
             (f"{node.address}:22", "policy.node_ports"),
             ("nonsense", "invalid address"),
-            ("10.0.0.1:99999", "bad port"),
+            ("10.0.0.1:99999", "is not a port"),
         ]
         with caplog.at_level(logging.INFO, logger="proxy.audit"):
             for address, reason in cases:

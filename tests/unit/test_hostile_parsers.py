@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from certs.tokens import TokenFileError, parse_token_file
+from netnames import normalize_host
 from proxy.connect import parse_authority
 from proxy.routes import RouteError, parse
 
@@ -23,7 +24,8 @@ from proxy.routes import RouteError, parse
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="tdhyp"))
 SETTINGS = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-NAMES = st.from_regex(r"\A[a-z0-9]([-a-z0-9.]{0,20}[a-z0-9])?\Z", fullmatch=True)
+NAMES = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,8}[a-z0-9])?){0,3}\Z",
+                      fullmatch=True).filter(lambda name: not name.rsplit(".", 1)[-1].isdigit())
 PORTS = st.integers(1, 65535)
 HOSTILE_PIECES = st.sampled_from([
     "..", ".", "%2e%2e", "%2E%2E", ".%2e", "%2e.", "%2F", "%2f", "%5c", "\\", "%00", "%0d%0a", "%252e%252e", "%c0%ae",
@@ -48,6 +50,10 @@ HOSTILE_PATHS = st.lists(st.one_of(HOSTILE_PIECES, st.text(max_size=6)), max_siz
 @example("host:0")
 @example("host:65536")
 @example("host:0000080")
+@example("NODE-1.:80")
+@example("127.0.0.1.:80")
+@example("node-1\n:80")
+@example("a..b:80")
 def test_connect_authority_is_refused_or_names_exactly_one_ascii_target(target: str) -> None:
     try:
         host, port = parse_authority(target)
@@ -56,11 +62,14 @@ def test_connect_authority_is_refused_or_names_exactly_one_ascii_target(target: 
     assert 1 <= port <= 65535
     assert target.isascii() and host.isascii()
     assert not set(host) & set(" \t\r\n/\\@?#%[],;\"'"), host
-    # What was checked is what gets dialed: the authority is exactly host and port, nothing left over.
-    rendered = f"[{host}]" if ":" in host else host
-    assert target == f"{rendered}:{target.rsplit(':', 1)[1]}" and int(target.rsplit(":", 1)[1]) == port
+    # What was checked is what gets dialed: the authority is exactly host and port, nothing left over; the host comes
+    # back in its one normal form (lower case, no trailing dot, canonical IP), which is what policy and sshd see.
+    raw_host, raw_port = target.rsplit(":", 1)
+    assert int(raw_port) == port and normalize_host(host) == host
     if ":" in host:
-        ipaddress.IPv6Address(host)
+        assert raw_host.startswith("[") and ipaddress.IPv6Address(raw_host[1:-1]) == ipaddress.IPv6Address(host)
+    else:
+        assert raw_host.lower().removesuffix(".") == host
 
 
 @SETTINGS

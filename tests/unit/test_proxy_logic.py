@@ -167,12 +167,14 @@ def test_attach_log_and_portforward_translation() -> None:
 
 
 def test_pod_list_parsing() -> None:
-    body = (b'{"kind":"PodList","items":[{"metadata":{"name":"a","namespace":"ns"},"spec":{"containers":'
-            b'[{"name":"c1","ports":[{"containerPort":80},{"containerPort":443}]},{"name":"c2"}]},'
-            b'"status":{"podIP":"10.244.1.5"}},{"metadata":{"name":"pending"},"spec":{},"status":{}}]}')
-    pods = parse_pod_list("node-1", body)
-    assert pods == [PodInfo("ns", "a", "node-1", "10.244.1.5", ("c1", "c2"), (80, 443)),
-                    PodInfo("default", "pending", "node-1", "", (), ())]
+    body = (b'{"kind":"PodList","items":[{"metadata":{"name":"a","namespace":"ns"},"spec":{"nodeName":"node-1",'
+            b'"containers":[{"name":"c1","ports":[{"containerPort":80},{"containerPort":443}]},{"name":"c2"}]},'
+            b'"status":{"podIP":"10.244.1.5"}},{"metadata":{"name":"pending"},"spec":{"nodeName":"node-1"},'
+            b'"status":{}}]}')
+    listed = parse_pod_list("node-1", body, pod_cidrs=[ipaddress.ip_network("10.244.1.0/24")])
+    assert listed.pods == [PodInfo("ns", "a", "node-1", "10.244.1.5", ("c1", "c2"), (80, 443), ("10.244.1.5",)),
+                           PodInfo("default", "pending", "node-1", "", (), ())]
+    assert listed.refused == []
 
 
 async def test_pod_cache_keeps_known_pods_and_names_unlisted_nodes(caplog: pytest.LogCaptureFixture) -> None:

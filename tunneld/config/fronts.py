@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 from typing import Any
 
-from netnames import is_loopback, split_host_port
+from netnames import is_dns_subdomain, is_loopback, parse_ip, split_host_port
 from tunneld.config.reader import Section
 from tunneld.config.schema import EgressSettings, ProxySettings, ServicePort, ServiceSettings, TLSServerSettings
-
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
 def tls_keys(sec: Section, problems: list[str], require_client_ca: bool) -> TLSServerSettings | None:
@@ -85,15 +81,11 @@ def services_section(raw: list[Any], base: Path, problems: list[str]) -> list[Se
         if name:
             sec.where = label = f"{label} ({ns}/{name})"
         for key, value in (("name", name), ("namespace", ns)):
-            if not value or not _NAME_RE.match(value):
-                sec.problem(key, "required: a lower-case DNS label")
-        cluster_ip = sec.get("cluster_ip", str, None)
-        endpoints = sec.get("endpoints", list, [])
-        for addr in [cluster_ip, *endpoints] if cluster_ip else endpoints:
-            try:
-                ipaddress.ip_address(addr)
-            except (ValueError, TypeError):
-                sec.problem("endpoints" if addr != cluster_ip else "cluster_ip", f"{addr!r} is not an IP address")
+            if not value or not is_dns_subdomain(value):
+                sec.problem(key, "required: a lower-case DNS name")
+        cluster_ip, endpoints = sec.get("cluster_ip", str, None), sec.get("endpoints", list, [])
+        cip = _address(sec, "cluster_ip", cluster_ip)
+        eps = tuple(a for a in (_address(sec, "endpoints", e) for e in endpoints) if a)
         if not cluster_ip and not endpoints:
             sec.problem("endpoints", "a service needs a cluster_ip or endpoints")
         ports: list[ServicePort] = []
@@ -111,15 +103,16 @@ def services_section(raw: list[Any], base: Path, problems: list[str]) -> list[Se
         if (ns, name) in seen:
             problems.append(f"{label}: defined more than once")
         seen.add((ns, name))
-        cip = str(ipaddress.ip_address(cluster_ip)) if cluster_ip and _valid_ip(cluster_ip) else None
-        eps = tuple(str(ipaddress.ip_address(a)) for a in endpoints if _valid_ip(a))
         services.append(ServiceSettings(ns, name, tuple(ports), cip, eps))
     return services
 
 
-def _valid_ip(value: object) -> bool:
+def _address(sec: Section, key: str, value: object) -> str | None:
+    """An IP literal of a service in canonical form; a problem (and None) for anything else, numbers included."""
+    if value is None:
+        return None
     try:
-        ipaddress.ip_address(value)  # type: ignore[arg-type]
-        return True
-    except ValueError:
-        return False
+        return str(parse_ip(value))
+    except ValueError as exc:
+        sec.problem(key, str(exc))
+        return None

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 from typing import Any
 
+from netnames import is_dns_subdomain, parse_host, parse_network
 from tunneld.config.reader import Section, read_toml
 from tunneld.config.schema import IPNetwork, Node
 from tunneld.errors import ConfigError
-
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes") -> list[Node]:
@@ -33,23 +29,26 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
             sec.where = label
         if not name:
             sec.problem("name", "required")
-        elif not _NAME_RE.match(name):
+        elif not is_dns_subdomain(name):
             sec.problem("name", f"{name!r} is not a valid node name (lower-case letters, digits, '-' and '.')")
         address = sec.get("address", str, "")
         if not address:
             sec.problem("address", "required")
-        elif not _valid_host(address):
-            sec.problem("address", f"{address!r} is neither an IP address nor a host name")
+        else:
+            try:
+                address = parse_host(address)
+            except ValueError as exc:
+                sec.problem("address", str(exc))
         pod_cidr: IPNetwork | None = None
         cidr = sec.get("pod_cidr", str, None)
         if cidr is not None:
             try:
-                pod_cidr = ipaddress.ip_network(cidr, strict=True)
+                pod_cidr = parse_network(cidr)
             except ValueError as exc:
-                sec.problem("pod_cidr", f"{cidr!r}: {exc}")
+                sec.problem("pod_cidr", str(exc))
         node = Node(
             name=name,
-            address=_normalize_host(address) if address else address,
+            address=address,
             ssh_port=sec.port("ssh_port", 22),
             kubelet_port=sec.port("kubelet_port", 10250),
             pod_cidr=pod_cidr,
@@ -72,22 +71,6 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
             )
         seen_addrs[node.address] = node.name
     return nodes
-
-
-def _valid_host(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        # "10.0.0.256" is a mistyped address, not a host name (a top-level domain is never all digits).
-        return bool(_HOST_RE.match(value)) and not value.rsplit(".", 1)[-1].isdigit()
-
-
-def _normalize_host(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        return value.lower()
 
 
 def load_inventory_nodes(path: Path) -> list[Node]:

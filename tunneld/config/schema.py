@@ -136,6 +136,8 @@ class PolicySettings:
 
     node_ports: tuple[str, ...] = ()
     pod_ports: tuple[str, ...] = ("1-65535",)
+    allow_pod_gateway: bool = False
+    """Whether the first address of a node's pod CIDR (its bridge, the node itself) is a pod destination."""
 
 
 @dataclass(frozen=True)

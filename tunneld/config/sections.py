@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from netnames import split_host_port
+from netnames import parse_port_range, split_host_port
 from tunneld.config.reader import Section
 from tunneld.config.schema import (
     DialSettings,
@@ -111,9 +111,11 @@ def kubelet_section(k: Section) -> KubeletSettings:
 
 
 def policy_section(po: Section) -> PolicySettings:
-    """``[policy]``: which ports on nodes and pods the fronts may reach."""
+    """``[policy]``: which ports on nodes and pods the fronts may reach, and whether a pod CIDR's first address (the
+    node's bridge) counts as a pod."""
     policy = PolicySettings(
-        node_ports=_ports(po, "node_ports", ()), pod_ports=_ports(po, "pod_ports", ("1-65535",))
+        node_ports=_ports(po, "node_ports", ()), pod_ports=_ports(po, "pod_ports", ("1-65535",)),
+        allow_pod_gateway=po.get("allow_pod_gateway", bool, False),
     )
     po.unknown()
     return policy
@@ -182,13 +184,10 @@ def _ports(sec: Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         return default
     out = []
     for item in raw:
-        text = str(item)
-        lo, sep, hi = text.partition("-")
-        if isinstance(item, bool) or not lo.isdigit() or (sep and not hi.isdigit()) or not (
-            1 <= int(lo) <= (int(hi) if sep else int(lo)) <= 65535
-        ):
-            sec.problem(key, f"{item!r} is not a port (1-65535) or a range such as \"30000-32767\"")
+        try:
+            parse_port_range(item)
+        except ValueError as exc:
+            sec.problem(key, str(exc))
             continue
-        out.append(text)
+        out.append(str(item))
     return tuple(out)
-

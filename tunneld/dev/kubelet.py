@@ -108,6 +108,8 @@ class KubeletSim:
     on :attr:`address`."""
     healthz_address: str | None = None
     """Where the healthz port listens (default: :attr:`address`)."""
+    extra_items: list[object] = field(default_factory=list)
+    """Raw items appended to ``/pods`` as they are (tests play a compromised node's kubelet with these)."""
     _runners: list[web.AppRunner] = field(default_factory=list)
     _front: asyncio.Server | None = None
     _upgraded: set[asyncio.Transport] = field(default_factory=set)
@@ -156,9 +158,9 @@ class KubeletSim:
             items.append({
                 "metadata": {"name": p.name, "namespace": p.namespace},
                 "spec": {"nodeName": self.node, "containers": containers},
-                "status": {"phase": "Running", "podIP": p.ip},
+                "status": {"phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}] if p.ip else []},
             })
-        return web.json_response({"kind": "PodList", "apiVersion": "v1", "items": items})
+        return web.json_response({"kind": "PodList", "apiVersion": "v1", "items": [*items, *self.extra_items]})
 
     def _container(self, request: web.Request) -> tuple[SimPod, str]:
         ns, pod, container = (request.match_info[k] for k in ("ns", "pod", "container"))

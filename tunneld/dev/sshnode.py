@@ -10,6 +10,7 @@ itself and its pods.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ class _NodeServer(asyncssh.SSHServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         node = self._node
+        node.requested.append((dest_host, dest_port))
         if dest_host.lower() in LOOPBACK_NAMES or dest_host in (node.name, node.address):
             assert self._conn is not None
             return self._conn.forward_connection(node.address, dest_port)
@@ -108,6 +110,8 @@ class SimNode:
     """Successful authentications."""
     conns: set[asyncssh.SSHServerConnection] = field(default_factory=set)
     """SSH connections open now."""
+    requested: deque[tuple[str, int]] = field(default_factory=lambda: deque(maxlen=1000))
+    """The last ``direct-tcpip`` destinations asked for, exactly as the gateway sent them."""
     _server: asyncssh.SSHAcceptor | None = None
 
     async def start(self) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from proxy.cidr import NetworkTable, host_key
+from netnames import host_key
+from proxy.cidr import NetworkTable
 from tunneld.config import Node
 
 

@@ -10,18 +10,16 @@ The typed errors of the source live here too, so that the watch loop (:mod:`.k8s
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from netnames import is_dns_subdomain, parse_ip, parse_network
 from tunneld.config import Node
 
 log = logging.getLogger("tunneld.k8s")
 
 DEFAULT_KUBELET_PORT = 10250
-_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
 class KubeInventoryError(Exception):
@@ -77,14 +75,14 @@ def get_path(obj: Any, *keys: str) -> Any:
 def node_from_object(obj: Mapping[str, Any], ssh_port: int = 22) -> Node:
     """Turn an API Node object (JSON) into an inventory node. Raises :class:`SkipNode` when it cannot."""
     name = get_path(obj, "metadata", "name")
-    if not isinstance(name, str) or not _SUBDOMAIN_RE.match(name):
+    if not is_dns_subdomain(name):
         raise SkipNode(f"metadata.name {name!r} is not a valid node name")
     addresses = get_path(obj, "status", "addresses")
     address = None
     for entry in addresses if isinstance(addresses, list) else []:
-        if get_path(entry, "type") == "InternalIP" and isinstance(get_path(entry, "address"), str):
+        if get_path(entry, "type") == "InternalIP":
             try:
-                address = str(ipaddress.ip_address(entry["address"]))
+                address = str(parse_ip(get_path(entry, "address")))
             except ValueError:
                 continue
             break
@@ -94,7 +92,7 @@ def node_from_object(obj: Mapping[str, Any], ssh_port: int = 22) -> Node:
     cidr = get_path(obj, "spec", "podCIDR")
     if isinstance(cidr, str) and cidr:
         try:
-            pod_cidr = ipaddress.ip_network(cidr, strict=True)
+            pod_cidr = parse_network(cidr)
         except ValueError:
             log.warning("ignoring invalid spec.podCIDR %r", cidr, extra={"node": name})
     port = get_path(obj, "status", "daemonEndpoints", "kubeletEndpoint", "Port")

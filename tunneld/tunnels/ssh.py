@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncssh
 
+from netnames import normalize_host
 from tunneld.config import Node, SSHSettings
 from tunneld.errors import (
     AuthFailed,
@@ -230,7 +231,9 @@ class SSHLink:
         self._conn.close()
 
     async def open_stream(self, host: str, port: int, timeout: float) -> ChannelStream:
-        """Open a ``direct-tcpip`` channel to ``host:port`` as seen from the node."""
+        """Open a ``direct-tcpip`` channel to ``host:port`` as seen from the node; the node is asked for the host in
+        its normal form (:func:`netnames.normalize_host`), never another spelling of it."""
+        host = normalize_host(host)
         if self.closed:
             raise TunnelDown(f"tunnel to node {self.node} is closed")
         try:
