@@ -134,13 +134,19 @@ async def test_host_key_from_another_ca_is_refused_before_login(cluster: DevClus
     gw = Gateway(replace(cfg, ssh=replace(cfg.ssh, known_hosts=kh)))
     await gw.start()
     try:
-        await wait_for(
-            lambda: all(t.machine.connect_failures >= 2 for t in gw.pool.tunnels.values()), what="failures"
-        )
+        await wait_for(lambda: set(states(gw).values()) == {"refused"}, what="every tunnel refused")
         for t in gw.pool.tunnels.values():
-            assert t.state.value in ("down", "connecting")
             assert "host key" in (t.machine.last_error or "") and "not trusted" in (t.machine.last_error or "")
-            assert t.machine.connects == 0
+            assert t.machine.connects == 0 and t.machine.connect_failures == 1, "refused at the first attempt"
+            assert t.next_retry is None, "parked: no retry is scheduled"
+        with pytest.raises(TunnelDown) as exc:
+            await gw.dialer.dial(cluster.sim_nodes[0].address, HEALTHZ_PORT)
+        assert exc.value.status == 502 and "is refused" in str(exc.value)
+        # RETRY (what a reload sends) makes one new attempt, refused again: the count restarted at 0.
+        assert gw.pool.retry_parked() == ["node-1", "node-2", "node-3"]
+        assert gw.pool.retry_parked() == [], "only parked tunnels take RETRY"
+        await wait_for(lambda: set(states(gw).values()) == {"refused"}, what="refused again")
+        assert all(t.machine.connect_failures == 1 for t in gw.pool.tunnels.values())
         assert all(sim.logins == 0 for sim in cluster.sim_nodes), "no login may happen with an untrusted host"
     finally:
         await gw.stop()

@@ -1,7 +1,8 @@
 """Rendering of tunnel status for people (rich): the table, one node's detail, and the console to print them on.
 
-Unhealthy tunnels sort first (down, degraded, connecting, stopped, up). Colour only goes to a terminal: a down or
-degraded row is red, connecting yellow, up green; piped output is plain text whose columns split on whitespace.
+Unhealthy tunnels sort first (refused, gave-up, down, degraded, connecting, stopped, up). Colour only goes to a
+terminal: a refused, gave-up, down or degraded row is red, connecting yellow, up green; piped output is plain text
+whose columns split on whitespace.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-_ORDER = {"down": 0, "degraded": 1, "connecting": 2, "stopped": 3, "up": 4}
+_ORDER = {"refused": 0, "gave-up": 1, "down": 2, "degraded": 3, "connecting": 4, "stopped": 5, "up": 6}
 COLUMNS = ("NODE", "ADDRESS", "STATE", "SINCE", "CHANNELS", "IN", "OUT", "PROBE", "LAST ERROR")
-ROW_STYLE = {"down": "red", "degraded": "red", "connecting": "yellow", "stopped": "dim", "up": ""}
-STATE_STYLE = {"down": "bold red", "degraded": "bold red", "connecting": "yellow", "stopped": "dim", "up": "green"}
+ROW_STYLE = {"refused": "red", "gave-up": "red", "down": "red", "degraded": "red", "connecting": "yellow",
+             "stopped": "dim", "up": ""}
+STATE_STYLE = {"refused": "bold red", "gave-up": "bold red", "down": "bold red", "degraded": "bold red",
+               "connecting": "yellow", "stopped": "dim", "up": "green"}
 PLAIN_WIDTH = 400
 """Width used when not on a terminal, so that piped rows are never wrapped."""
 
