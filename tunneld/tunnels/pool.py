@@ -2,8 +2,9 @@
 
 Each :class:`Tunnel` runs a supervisor task: connect (holding one of a bounded number of connect slots, so thousands
 of nodes do not stampede their sshds or our CPU), probe health periodically while connected, and on failure wait an
-exponential, jittered backoff before the next attempt. All state lives in a :class:`~.state.TunnelStateMachine`;
-this module performs the I/O the machine's states call for.
+exponential, jittered backoff before the next attempt; a tunnel that gave up or was refused waits for RETRY. All
+state lives in a :class:`~.state.TunnelStateMachine`; this module performs the I/O the machine's states call for.
+Tunnels read an immutable :class:`~.settings.TunnelSettings` that :meth:`Pool.configure` replaces on reload.
 
 :meth:`Pool.apply` takes a whole new inventory: it first decides (a pure :func:`~.inventory.diff`), then acts:
 added nodes connect, removed nodes drain and close, changed nodes reconnect, unchanged tunnels are not touched.
@@ -137,10 +138,10 @@ class Tunnel:
                 extra={"node": self.node.name, "address": self.node.address, "from": before.value, "error": error})
         if after is State.GAVE_UP:
             log.error("giving up on node after %d failed attempts; reload to retry", self.machine.connect_failures,
-                      extra={"node": self.node.name})
+                      extra={"node": self.node.name, "error": error})
         elif after is State.REFUSED:
             log.error("host key or login refused: retrying cannot help; fix it, then reload to retry",
-                      extra={"node": self.node.name})
+                      extra={"node": self.node.name, "error": error})
         self._notify(self, before, after)
 
     async def _pause(self, failures: int) -> None:
