@@ -172,7 +172,8 @@ class Gateway:
         log.info("started", extra={"nodes": len(self.config.nodes), "version": __version__})
 
     async def reload(self) -> InventoryDiff:
-        """Re-read the config file and apply the inventory diff; unchanged tunnels are untouched.
+        """Re-read the config file, apply the inventory diff (unchanged tunnels keep their connections) and the
+        ``[ssh]``/``[health]`` settings, and send RETRY to every tunnel that gave up or was refused.
 
         Raises :class:`~tunneld.errors.ConfigError` (and changes nothing) when the new file is invalid. Every outcome
         is recorded in :attr:`reloads` (the status API shows it; ``tunneld reload`` waits on it).
@@ -192,19 +193,22 @@ class Gateway:
         if self.config.path is None:
             raise RuntimeError("configuration was not loaded from a file")
         new = load_checked(self.config.path)
-        if new.ssh != self.config.ssh or new.health != self.config.health:
-            log.warning("ssh/health settings changed: they apply to connections made from now on")
         if (new.egress, new.proxy, new.status, new.limits) != (self.config.egress, self.config.proxy,
                                                                self.config.status, self.config.limits):
             log.warning("listener and limit settings take effect on restart, not on reload")
         if (new.inventory_source, new.kubernetes) != (self.config.inventory_source, self.config.kubernetes):
             log.warning("[inventory] source settings take effect on restart, not on reload")
-        self.pool.ssh = new.ssh
-        self.pool.health = new.health
+        changed = self.pool.configure(new.ssh, new.health)
+        if changed:
+            log.info("settings changed: %s; each applies to every tunnel from its next connection attempt, "
+                     "probe or connection", ", ".join(changed))
         self.sync.max_age = new.health.sync_max_age
         self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
                               limits=self.config.limits)
         change = self._apply_inventory()
+        retried = self.pool.retry_parked()  # changed or not: a reload is how an operator says "try again"
+        if retried:
+            log.info("retrying tunnels that gave up or were refused: %s", ", ".join(retried))
         self.tls.reload()
         if self.certs is not None:
             self.certs.reload(self.config)

@@ -76,6 +76,14 @@ async def test_metrics_follow_the_pool(cluster: DevCluster, short_dir: Path) -> 
         assert m[("tunneld_tunnels", (("state", "up"),))] == 2
         assert m[("tunneld_tunnel_disconnects_total", ())] == 1
         assert m[("tunneld_tunnel_connect_failures_total", ())] >= 1
+        assert m[("tunneld_tunnels", (("state", "gave-up"),))] == 0
+        settings = gw.pool.settings
+        gw.pool.configure(replace(settings.ssh, max_reconnect_attempts=1), settings.health)
+        await wait_for(lambda: states(gw)["node-1"] == "gave-up", what="node-1 gives up")
+        m = samples((await acurl(sock, "/metrics"))[1])
+        assert m[("tunneld_tunnels", (("state", "gave-up"),))] == 1
+        assert m[("tunneld_tunnels", (("state", "refused"),))] == 0
+        assert m[("tunneld_tunnels", (("state", "up"),))] == 2
     finally:
         await gw.stop()
 

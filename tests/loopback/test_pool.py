@@ -13,10 +13,8 @@ from aiohttp import ClientSession, UnixConnector
 
 from proxy.dialer import ChannelRefused, NoTunnel, TunnelDown
 from tunneld.app import Gateway
-from tunneld.config import Node, SSHSettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
 from tunneld.dev.sshnode import SSHMaterial
-from tunneld.tunnels import ssh
 from tunneld.tunnels.probe import http_get
 
 from .conftest import all_up, fast_config, started, states, wait_for
@@ -134,13 +132,19 @@ async def test_host_key_from_another_ca_is_refused_before_login(cluster: DevClus
     gw = Gateway(replace(cfg, ssh=replace(cfg.ssh, known_hosts=kh)))
     await gw.start()
     try:
-        await wait_for(
-            lambda: all(t.machine.connect_failures >= 2 for t in gw.pool.tunnels.values()), what="failures"
-        )
+        await wait_for(lambda: set(states(gw).values()) == {"refused"}, what="every tunnel refused")
         for t in gw.pool.tunnels.values():
-            assert t.state.value in ("down", "connecting")
             assert "host key" in (t.machine.last_error or "") and "not trusted" in (t.machine.last_error or "")
-            assert t.machine.connects == 0
+            assert t.machine.connects == 0 and t.machine.connect_failures == 1, "refused at the first attempt"
+            assert t.next_retry is None, "parked: no retry is scheduled"
+        with pytest.raises(TunnelDown) as exc:
+            await gw.dialer.dial(cluster.sim_nodes[0].address, HEALTHZ_PORT)
+        assert exc.value.status == 502 and "is refused" in str(exc.value)
+        # RETRY (what a reload sends) makes one new attempt, refused again: the count restarted at 0.
+        assert gw.pool.retry_parked() == ["node-1", "node-2", "node-3"]
+        assert gw.pool.retry_parked() == [], "only parked tunnels take RETRY"
+        await wait_for(lambda: set(states(gw).values()) == {"refused"}, what="refused again")
+        assert all(t.machine.connect_failures == 1 for t in gw.pool.tunnels.values())
         assert all(sim.logins == 0 for sim in cluster.sim_nodes), "no login may happen with an untrusted host"
     finally:
         await gw.stop()
@@ -162,36 +166,6 @@ async def test_insecure_skip_warns_on_every_connect(cluster: DevCluster, caplog:
     per_node = [getattr(r, "node", None) for r in warnings]
     assert per_node.count("node-1") >= 2, "one warning per connect attempt, including the reconnect"
     assert per_node.count("node-2") == 1 and per_node.count("node-3") == 1
-
-
-async def test_concurrent_connects_are_bounded(short_dir: Path) -> None:
-    from .conftest import next_base
-
-    cluster = DevCluster(nodes=12, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0)
-    await cluster.start()
-    in_flight = peak = 0
-
-    async def counting(node: Node, settings: SSHSettings, counters: ssh.Counters) -> ssh.SSHLink:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        try:
-            await asyncio.sleep(0.05)  # hold the slot long enough for contention to show
-            return await ssh.connect(node, settings, counters)
-        finally:
-            in_flight -= 1
-
-    cfg = fast_config(cluster, max_concurrent_connects=3)
-    gw = Gateway(cfg)
-    gw.pool.connector = counting
-    gw.pool.connect_slots = asyncio.Semaphore(3)
-    try:
-        await gw.start()
-        await wait_for(lambda: all_up(gw), what="12 tunnels up")
-        assert peak == 3
-    finally:
-        await gw.stop()
-        await cluster.stop()
 
 
 async def test_channel_bytes_and_open_channels_are_counted(cluster: DevCluster) -> None:

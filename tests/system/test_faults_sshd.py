@@ -234,8 +234,8 @@ async def test_replaced_host_key_not_signed_by_ca_is_refused_loudly(bed: SshBed,
         n0.replace_host_key(signed=False)  # same address, a key the CA never signed: a man in the middle
         tunnel = gw.pool.tunnels["node-0"]
         await wait_for(lambda: "host key" in (tunnel.machine.last_error or ""), what="host key refusal")
-        await wait_for(lambda: tunnel.machine.connect_failures >= 2, what="refused again on retry")
-        assert state(gw, "node-0") in ("down", "connecting")
+        await wait_for(lambda: state(gw, "node-0") == "refused", what="node-0 refused")
+        assert tunnel.next_retry is None, "retrying cannot help: parked until a reload"
         assert n0.accepted_logins() == 1, "the gateway authenticated to (sent its key to) an untrusted host"
         assert "not trusted" in (tunnel.machine.last_error or "")
 
@@ -248,7 +248,7 @@ async def test_replaced_host_key_not_signed_by_ca_is_refused_loudly(bed: SshBed,
         async with aiohttp.ClientSession(connector=conn) as session:
             async with session.get("http://status/tunnels/node-0") as resp:
                 snap = json.loads(await resp.text())
-        assert snap["state"] in ("down", "connecting") and "host key" in snap["last_error"]
+        assert snap["state"] == "refused" and "host key" in snap["last_error"]
 
         # Nothing is sent through it: dials are refused with the reason, and the node sees no channel.
         status, head, _, _ = await rawhttp.open_egress(egress(gw), n0.address, n0.app_port)
@@ -256,7 +256,8 @@ async def test_replaced_host_key_not_signed_by_ca_is_refused_loudly(bed: SshBed,
         assert "direct-tcpip" not in n0.log_text().split("Accepted publickey")[-1]
         assert state(gw, "node-1") == "up" and gw.pool.tunnels["node-1"].machine.connects == 1
 
-        n0.replace_host_key(signed=True)  # the operator puts a properly signed key back
+        n0.replace_host_key(signed=True)  # the operator puts a properly signed key back, then reloads
+        assert gw.pool.retry_parked() == ["node-0"]  # what a reload sends to every refused tunnel
         await up(gw, "node-0", timeout=30)
     finally:
         await gw.stop()

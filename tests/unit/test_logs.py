@@ -103,3 +103,19 @@ def test_tokens_of_the_token_file_are_scrubbed_from_every_line(tmp_path: Path) -
         assert logs.redact(f"Authorization: {second}") == "Authorization: [redacted]"
     finally:
         asyncio.run(daemon.store.close())
+
+
+HOSTILE = "bye\x1b]0;owned\x07\x1b[2J\u202eevil"
+
+
+def test_a_peers_escape_sequences_are_shown_not_obeyed(captured: tuple[str, io.StringIO, logging.Logger]) -> None:
+    fmt, buf, log = captured
+    log.warning("tunnel down", extra={"node": "node-1", "error": HOSTILE})  # a value with no space to quote
+    log.warning("lost: %s", HOSTILE)
+    out = buf.getvalue()
+    assert len(out.splitlines()) == 2
+    assert not any(c in out for c in "\x1b\x07\u202e"), "no control or bidi character reaches the log"
+    if fmt == "json":
+        assert json.loads(out.splitlines()[0])["error"] == HOSTILE
+    else:
+        assert 'error="bye\\u001b]0;owned\\u0007\\u001b[2J\\u202eevil"' in out

@@ -2,7 +2,16 @@
 
 import pytest
 
-from tunneld.tunnels.state import TRANSITIONS, Backoff, Event, InvalidTransition, State, TunnelStateMachine
+from tunneld.tunnels.state import (
+    TRANSITIONS,
+    Backoff,
+    Event,
+    InvalidTransition,
+    Limits,
+    State,
+    Threshold,
+    TunnelStateMachine,
+)
 
 
 class FakeClock:
@@ -41,7 +50,7 @@ def test_connect_failure_counts_and_resets() -> None:
 
 
 def test_probe_threshold_degrades_and_recovers() -> None:
-    m = TunnelStateMachine(FakeClock(), failure_threshold=2)
+    m = TunnelStateMachine(FakeClock(), Limits(failure_threshold=2))
     m.handle(Event.CONNECT)
     m.handle(Event.CONNECTED)
     assert m.handle(Event.PROBE_FAILED, "500") is State.UP
@@ -76,22 +85,68 @@ def test_impossible_events_raise(state: State, event: Event) -> None:
         m.handle(event)
 
 
-def test_stop_from_any_state() -> None:
+def test_stop_from_any_state_goes_through_the_table() -> None:
     for state in State:
+        assert TRANSITIONS[(state, Event.STOP)] is State.STOPPED
         m = TunnelStateMachine(FakeClock())
         m.state = state
         assert m.handle(Event.STOP) is State.STOPPED
 
 
-def test_gives_up_after_max_attempts() -> None:
-    m = TunnelStateMachine(FakeClock(), max_attempts=2)
+def _fail(m: TunnelStateMachine, times: int, event: Event = Event.CONNECT_FAILED) -> State:
+    for _ in range(times):
+        m.handle(Event.CONNECT)
+        m.handle(event, "x")
+    return m.state
+
+
+def test_gives_up_after_max_attempts_and_retry_starts_afresh() -> None:
+    clock = FakeClock()
+    m = TunnelStateMachine(clock, Limits(max_attempts=2))
+    assert _fail(m, 1) is State.DOWN and not m.parked
+    clock.now += 3
+    assert _fail(m, 1) is State.GAVE_UP and m.parked and m.since == 1003
+    assert m.state.value == "gave-up" and m.connect_failures == 2
+    with pytest.raises(InvalidTransition):
+        m.handle(Event.CONNECT)  # parked: nothing happens until a reload
+    assert m.handle(Event.RETRY) is State.DOWN
+    assert m.connect_failures == 0 and not m.parked
+    assert _fail(m, 1) is State.DOWN, "the count starts again after RETRY"
+    assert _fail(TunnelStateMachine(FakeClock(), Limits(max_attempts=0)), 50) is State.DOWN, "0: retry forever"
+
+
+def test_rejected_parks_refused_at_once_until_retry() -> None:
+    m = TunnelStateMachine(FakeClock(), Limits(max_attempts=0))
+    assert _fail(m, 1, Event.REJECTED) is State.REFUSED
+    assert m.state.value == "refused" and m.last_error == "x" and m.parked
+    for event in (Event.CONNECT, Event.CONNECT_FAILED, Event.LOST, Event.PROBE_OK):
+        with pytest.raises(InvalidTransition):
+            m.handle(event)
+    assert m.handle(Event.RETRY) is State.DOWN
+    with pytest.raises(InvalidTransition):
+        m.handle(Event.RETRY)  # only a parked tunnel takes RETRY
+
+
+def test_new_limits_apply_from_the_next_counted_event() -> None:
+    m = TunnelStateMachine(FakeClock(), Limits(failure_threshold=3, max_attempts=0))
     m.handle(Event.CONNECT)
-    m.handle(Event.CONNECT_FAILED, "x")
-    assert not m.gave_up
-    m.handle(Event.CONNECT)
-    m.handle(Event.CONNECT_FAILED, "x")
-    assert m.gave_up
-    assert not TunnelStateMachine(FakeClock(), max_attempts=0).gave_up
+    m.handle(Event.CONNECTED)
+    assert m.handle(Event.PROBE_FAILED, "x") is State.UP
+    m.limits = Limits(failure_threshold=2, max_attempts=2)  # a reload
+    assert m.handle(Event.PROBE_FAILED, "x") is State.DEGRADED
+    m.handle(Event.LOST, "gone")
+    assert _fail(m, 2) is State.GAVE_UP
+
+
+def test_thresholds_are_table_data() -> None:
+    rules = {key: rule for key, rule in TRANSITIONS.items() if isinstance(rule, Threshold)}
+    assert rules == {
+        (State.UP, Event.PROBE_FAILED): Threshold("probe_failures", "failure_threshold", State.DEGRADED, State.UP),
+        (State.CONNECTING, Event.CONNECT_FAILED):
+            Threshold("connect_failures", "max_attempts", State.GAVE_UP, State.DOWN),
+    }
+    for rule in rules.values():
+        assert hasattr(TunnelStateMachine(FakeClock()), rule.counter) and hasattr(Limits(), rule.limit)
 
 
 def test_backoff_grows_exponentially_to_the_cap() -> None:

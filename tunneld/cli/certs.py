@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from netnames.text import printable
 from tunneld.cli.localapi import DEFAULT_SOCKET, UnixHTTPConnection, load_or_exit
 from tunneld.config import Config
 
@@ -238,6 +239,7 @@ def _age(delta: dt.timedelta) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]  # names and reasons a requester chose
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -336,7 +338,7 @@ def csr_show(config_path: str, socket_path: str | None, name: str, output: str) 
     for r in audit["items"]:
         lines.append(f"  {r['time']}  {r['action']:<8} by {r['actor']}" +
                      (f": {r['reason']} {r['message']}".rstrip() if r['reason'] or r['message'] else ""))
-    click.echo("\n".join(lines))
+    click.echo("\n".join(printable(line) for line in lines))
 
 
 def _decide(config_path: str, socket_path: str | None, name: str, kind: str, reason: str, message: str) -> None:
@@ -349,7 +351,7 @@ def _decide(config_path: str, socket_path: str | None, name: str, kind: str, rea
         {"type": kind, "status": "True", "reason": reason, "message": message})
     result = _call(sock, "PUT", f"{CSR_API}/{name}/approval", obj)
     cond = next(c for c in result["status"]["conditions"] if c["type"] == kind)
-    click.echo(f"{name} {kind.lower()}: {cond['message']}")
+    click.echo(printable(f"{name} {kind.lower()}: {cond['message']}"))
 
 
 @csr.command("approve")

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from netnames.text import printable
 from tunneld.config import Config, load_checked, load_config
 from tunneld.errors import ConfigError
 
@@ -65,7 +66,7 @@ def get_json(socket_path: str, path: str) -> Any:
     finally:
         conn.close()
     if resp.status == 404:
-        raise click.ClickException(body.decode().strip())
+        raise click.ClickException(printable(body.decode("utf-8", "replace").strip()))
     if resp.status != 200:
-        raise click.ClickException(f"daemon answered {resp.status}: {body.decode()[:200]}")
+        raise click.ClickException(f"daemon answered {resp.status}: {printable(body.decode('utf-8', 'replace')[:200])}")
     return json.loads(body)

@@ -1,7 +1,12 @@
 """Rendering of tunnel status for people (rich): the table, one node's detail, and the console to print them on.
 
-Unhealthy tunnels sort first (down, degraded, connecting, stopped, up). Colour only goes to a terminal: a down or
-degraded row is red, connecting yellow, up green; piped output is plain text whose columns split on whitespace.
+Unhealthy tunnels sort first (refused, gave-up, down, degraded, connecting, stopped, up). Colour only goes to a
+terminal: a refused, gave-up, down or degraded row is red, connecting yellow, up green; piped output is plain text
+whose columns split on whitespace, and a LAST ERROR longer than its column is cut at a word boundary (``...``).
+
+Every string of the status API came from a peer at some point (an sshd's DISCONNECT text, a probe's answer, a node
+address): :func:`safe` passes each through :func:`netnames.text.printable` before anything is rendered, so an
+escape sequence in it is shown, never obeyed, whatever ``--color`` says.
 """
 
 from __future__ import annotations
@@ -18,12 +23,42 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-_ORDER = {"down": 0, "degraded": 1, "connecting": 2, "stopped": 3, "up": 4}
+from netnames.text import printable
+
+_ORDER = {"refused": 0, "gave-up": 1, "down": 2, "degraded": 3, "connecting": 4, "stopped": 5, "up": 6}
 COLUMNS = ("NODE", "ADDRESS", "STATE", "SINCE", "CHANNELS", "IN", "OUT", "PROBE", "LAST ERROR")
-ROW_STYLE = {"down": "red", "degraded": "red", "connecting": "yellow", "stopped": "dim", "up": ""}
-STATE_STYLE = {"down": "bold red", "degraded": "bold red", "connecting": "yellow", "stopped": "dim", "up": "green"}
+ROW_STYLE = {"refused": "red", "gave-up": "red", "down": "red", "degraded": "red", "connecting": "yellow",
+             "stopped": "dim", "up": ""}
+STATE_STYLE = {"refused": "bold red", "gave-up": "bold red", "down": "bold red", "degraded": "bold red",
+               "connecting": "yellow", "stopped": "dim", "up": "green"}
 PLAIN_WIDTH = 400
 """Width used when not on a terminal, so that piped rows are never wrapped."""
+ERROR_WIDTH = 80
+"""LAST ERROR is cut to this many characters in the table (``tunneld status NODE`` shows all of it)."""
+
+
+def safe(value: Any) -> Any:
+    """``value`` (a decoded JSON document) with every string made printable."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {safe(k): safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [safe(v) for v in value]
+    return value
+
+
+def shorten(text: str, width: int, placeholder: str = "...") -> str:
+    """``text`` cut to at most ``width`` characters at a word boundary, ``placeholder`` marking the cut (inside a
+    word only when the last word would leave less than half the width)."""
+    if len(text) <= width:
+        return text
+    room = max(width - len(placeholder), 0)
+    head = text[: room + 1]
+    cut = head.rsplit(" ", 1)[0] if " " in head else ""
+    if len(cut) < room // 2:
+        cut = text[:room]
+    return cut.rstrip(" ,;:") + placeholder
 
 
 def human_bytes(n: int) -> str:
@@ -62,9 +97,11 @@ def _probe(t: dict[str, Any], now: float | None) -> str:
 
 def row(t: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
     """One table row as text cells, in :data:`COLUMNS` order."""
+    t = safe(t)
     return (
         t["node"], f"{t['address']}:{t['ssh_port']}", t["state"], ago(t["since"], now), str(t["open_channels"]),
-        human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), _probe(t, now), (t.get("last_error") or "")[:80],
+        human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), _probe(t, now),
+        shorten(t.get("last_error") or "", ERROR_WIDTH),
     )
 
 
@@ -84,6 +121,7 @@ def tunnel_table(tunnels: Sequence[dict[str, Any]], now: float | None = None) ->
 def detail(t: dict[str, Any], now: float | None = None) -> Table:
     """One node's tunnel in detail (``tunneld status NODE``)."""
     now = now or time.time()
+    t = safe(t)
     state = t["state"]
     table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
@@ -116,9 +154,10 @@ def detail(t: dict[str, Any], now: float | None = None) -> Table:
 
 
 def console(color: str = "auto", file: TextIO | None = None) -> Console:
-    """A console for ``color`` = ``auto`` (colour on a terminal only), ``always`` or ``never``."""
+    """A console for ``color`` = ``auto`` (colour on a terminal only), ``always`` or ``never`` (plain text, no
+    escape sequence at all, even on a terminal)."""
     force = {"always": True, "never": False}.get(color)
-    con = Console(file=file, force_terminal=force, no_color=True if color == "never" else None, highlight=False,
+    con = Console(file=file, force_terminal=force, color_system=None if color == "never" else "auto", highlight=False,
                   soft_wrap=False)
     out = file or sys.stdout
     if not (hasattr(out, "isatty") and out.isatty()):
@@ -155,7 +194,7 @@ def _frame(title: str, view: Callable[[], RenderableType], interval: float) -> R
     try:
         body = view()
     except ClickException as exc:  # the daemon went away or restarted: keep watching
-        body = Text(f"error: {exc.format_message()}", style="bold red")
+        body = Text(f"error: {printable(exc.format_message())}", style="bold red")
     header = Text(f"Every {interval:g}s: {title}    {stamp}", style="dim")
     return Group(header, Text(), body)
 
@@ -186,7 +225,7 @@ def watch(con: Console, view: Callable[[], RenderableType], title: str, interval
                 try:
                     show(con, view())
                 except ClickException as exc:
-                    sys.stderr.write(f"error: {exc.format_message()}\n")
+                    sys.stderr.write(f"error: {printable(exc.format_message())}\n")
             n += 1
             if count == 0 or n < count:
                 time.sleep(interval)

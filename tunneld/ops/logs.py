@@ -5,8 +5,9 @@ Never pass keys or tokens to a logger. As a second line of defence every formatt
 secret halves, ``Bearer`` credentials other than a short lower-case word), the values of context fields whose names
 say they are secret (``token``, ``password``, ``secret``, ``private_key``, ``authorization``; not ``*_id``,
 ``*_file``, ``*_path``), and any literal value registered with :func:`add_secret` (the daemon registers every token
-of the static token file when it reads it). Newlines inside a message are escaped, so one event is
-always one line.
+of the static token file when it reads it). Control characters
+(newlines, ESC, ...) inside a message or a context value are escaped in both formats, so one event is always one
+line and a peer's escape sequence is never obeyed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+
+from netnames.text import printable
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is context worth printing.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -99,8 +102,10 @@ class LogfmtFormatter(logging.Formatter):
 
 
 def _quote(value: object) -> str:
+    """A logfmt value: bare when it is printable and has nothing logfmt must quote, else a JSON string (so an escape
+    sequence or a line break a peer put in a message is shown as ``\\u001b``/``\\n``, never obeyed or split)."""
     text = str(value)
-    if text and not any(c in text for c in ' "=\n\t\\'):
+    if text and printable(text) == text and not any(c in text for c in ' "=\\'):
         return text
     return json.dumps(text)
 

@@ -107,7 +107,7 @@ class Metrics:
     def _on_change(self, tunnel: Tunnel, before: State, after: State) -> None:
         if before is State.CONNECTING and after is State.UP:
             self.connects.inc()
-        elif before is State.CONNECTING and after is State.DOWN:
+        elif before is State.CONNECTING and after in (State.DOWN, State.GAVE_UP, State.REFUSED):
             self.connect_failures.inc()
         elif before in (State.UP, State.DEGRADED) and after is State.DOWN:
             self.disconnects.inc()

@@ -2,8 +2,9 @@
 
 Each :class:`Tunnel` runs a supervisor task: connect (holding one of a bounded number of connect slots, so thousands
 of nodes do not stampede their sshds or our CPU), probe health periodically while connected, and on failure wait an
-exponential, jittered backoff before the next attempt. All state lives in a :class:`~.state.TunnelStateMachine`;
-this module performs the I/O the machine's states call for.
+exponential, jittered backoff before the next attempt; a tunnel that gave up or was refused waits for RETRY. All
+state lives in a :class:`~.state.TunnelStateMachine`; this module performs the I/O the machine's states call for.
+Tunnels read an immutable :class:`~.settings.TunnelSettings` that :meth:`Pool.configure` replaces on reload.
 
 :meth:`Pool.apply` takes a whole new inventory: it first decides (a pure :func:`~.inventory.diff`), then acts:
 added nodes connect, removed nodes drain and close, changed nodes reconnect, unchanged tunnels are not touched.
@@ -17,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tunneld.config import HealthSettings, Node, SSHSettings
@@ -25,7 +26,8 @@ from tunneld.errors import AuthFailed, ConnectFailed, HostKeyRejected, Overloade
 from tunneld.tunnels import ssh
 from tunneld.tunnels.inventory import InventoryDiff, OwnerIndex, diff
 from tunneld.tunnels.probe import ProbeFailed, probe
-from tunneld.tunnels.state import Backoff, Event, State, TunnelStateMachine
+from tunneld.tunnels.settings import ConnectSlots, TunnelSettings, changed_keys
+from tunneld.tunnels.state import PARKED, Event, State, TunnelStateMachine
 
 log = logging.getLogger("tunneld.pool")
 
@@ -44,22 +46,39 @@ class ProbeResult:
 
 
 class Tunnel:
-    """One node's supervised SSH connection."""
+    """One node's supervised SSH connection.
 
-    def __init__(self, node: Node, pool: Pool) -> None:
+    It reads :attr:`settings` afresh at each step, so :meth:`configure` (a reload) applies from the next attempt,
+    backoff, probe or connection. ``notify`` hears every state change.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        settings: TunnelSettings,
+        *,
+        connector: Connector,
+        slots: ConnectSlots,
+        clock: Callable[[], float],
+        rng: Callable[[], float],
+        notify: StateListener,
+    ) -> None:
         self.node = node
-        self._pool = pool
-        self.machine = TunnelStateMachine(
-            pool.clock, pool.health.failure_threshold, pool.ssh.max_reconnect_attempts
-        )
+        self.settings = settings
+        self._connector = connector
+        self._slots = slots
+        self._clock = clock
+        self._rng = rng
+        self._notify = notify
+        self.machine = TunnelStateMachine(clock, settings.limits)
         self.counters = ssh.Counters()
         self.link: ssh.SSHLink | None = None
         self.last_probe: ProbeResult | None = None
         self.next_retry: float | None = None
-        self._last_exc: Exception | None = None
         self._opening = 0  # channel opens under way: they count against the channel limit too
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._retry = asyncio.Event()
 
     @property
     def state(self) -> State:
@@ -68,11 +87,24 @@ class Tunnel:
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name=f"tunnel:{self.node.name}")
 
+    def configure(self, settings: TunnelSettings) -> None:
+        """Run with ``settings`` from the next step on."""
+        self.settings = settings
+        self.machine.limits = settings.limits
+
+    def retry(self) -> bool:
+        """Send RETRY to a tunnel that gave up or was refused (it connects again at once); False otherwise."""
+        if not self.machine.parked:
+            return False
+        self._event(Event.RETRY)
+        self._retry.set()
+        return True
+
     async def open_stream(self, host: str, port: int, timeout: float) -> ssh.ChannelStream:
         """Open a forwarded channel through this tunnel.
 
-        Raises :class:`TunnelUnavailable` (503) while the tunnel is down and being re-established,
-        :class:`TunnelDown` (502) when the node's host key or our login was refused (retrying will not help), and
+        Raises :class:`TunnelUnavailable` (503) while the tunnel is not up (reconnecting, or gave up until reload),
+        :class:`TunnelDown` (502) when it is ``refused`` (the node's host key or our login was refused), and
         :class:`Overloaded` (503) at ``limits.max_channels_per_tunnel`` (opens under way count, so a burst of
         concurrent dials cannot overshoot the limit).
         """
@@ -80,10 +112,10 @@ class Tunnel:
         if link is None or self.state not in (State.UP, State.DEGRADED):
             why = f": {self.machine.last_error}" if self.machine.last_error else ""
             message = f"tunnel to node {self.node.name} is {self.state.value}{why}"
-            if isinstance(self._last_exc, HostKeyRejected | AuthFailed):
+            if self.state is State.REFUSED:
                 raise TunnelDown(message)
             raise TunnelUnavailable(message)
-        if self.counters.open_channels + self._opening >= self._pool.max_channels:
+        if self.counters.open_channels + self._opening >= self.settings.max_channels:
             raise Overloaded(f"tunnel to node {self.node.name} has {self.counters.open_channels} open channels "
                              f"(limits.max_channels_per_tunnel)")
         self._opening += 1
@@ -95,46 +127,50 @@ class Tunnel:
     def _event(self, event: Event, error: str | None = None) -> None:
         before = self.machine.state
         after = self.machine.handle(event, error)
-        if after is not before:
-            level = logging.INFO
-            if after in (State.DOWN, State.DEGRADED):
-                level = logging.ERROR if isinstance(self._last_exc, HostKeyRejected) else logging.WARNING
-            log.log(
-                level, "tunnel %s", after.value,
-                extra={"node": self.node.name, "address": self.node.address, "from": before.value,
-                       "error": error},
-            )
-            for listener in self._pool.listeners:
-                listener(self, before, after)
+        if after is before:
+            return
+        level = logging.INFO
+        if after in PARKED:
+            level = logging.ERROR
+        elif after in (State.DOWN, State.DEGRADED):
+            level = logging.WARNING
+        log.log(level, "tunnel %s", after.value,
+                extra={"node": self.node.name, "address": self.node.address, "from": before.value, "error": error})
+        if after is State.GAVE_UP:
+            log.error("giving up on node after %d failed attempts; reload to retry", self.machine.connect_failures,
+                      extra={"node": self.node.name, "error": error})
+        elif after is State.REFUSED:
+            log.error("host key or login refused: retrying cannot help; fix it, then reload to retry",
+                      extra={"node": self.node.name, "error": error})
+        self._notify(self, before, after)
+
+    async def _pause(self, failures: int) -> None:
+        delay = self.settings.backoff.delay(failures, self._rng())
+        self.next_retry = self._clock() + delay
+        await asyncio.sleep(delay)
 
     async def _supervise(self) -> None:
-        pool = self._pool
         while not self._stopping:
-            if self.machine.gave_up:
-                log.error(
-                    "giving up on node after %d failed attempts; reload to retry", self.machine.connect_failures,
-                    extra={"node": self.node.name},
-                )
-                self.next_retry = None
-                await asyncio.Event().wait()
             self.next_retry = None
+            if self.machine.parked:
+                await self._retry.wait()  # until a reload sends RETRY
+                self._retry.clear()
+                continue
             self._event(Event.CONNECT)
             try:
-                async with pool.connect_slots:
-                    link = await pool.connector(self.node, pool.ssh, self.counters)
+                async with self._slots:
+                    link = await self._connector(self.node, self.settings.ssh, self.counters)
             except ConnectFailed as exc:
                 if self._stopping:
                     return  # a cancellation lost inside the connect (Python 3.11 wait_for race) must still stop us
-                self._last_exc = exc
-                self._event(Event.CONNECT_FAILED, str(exc))
-                delay = pool.backoff.delay(self.machine.connect_failures, pool.rng())
-                self.next_retry = pool.clock() + delay
-                await asyncio.sleep(delay)
+                rejected = isinstance(exc, HostKeyRejected | AuthFailed)
+                self._event(Event.REJECTED if rejected else Event.CONNECT_FAILED, str(exc))
+                if not self.machine.parked:
+                    await self._pause(self.machine.connect_failures)
                 continue
-            self._last_exc = None
             self.link = link
             self._event(Event.CONNECTED)
-            prober = asyncio.create_task(self._probe_loop(link)) if pool.health.enabled else None
+            prober = asyncio.create_task(self._probe_loop(link)) if self.settings.health.enabled else None
             try:
                 reason = await link.wait_closed()
             finally:
@@ -146,24 +182,22 @@ class Tunnel:
                 self.link = None
             self._event(Event.LOST, reason)
             # A short jittered pause so that many tunnels dropped at once (a network blip) reconnect spread out.
-            delay = pool.backoff.delay(1, pool.rng())
-            self.next_retry = pool.clock() + delay
-            await asyncio.sleep(delay)
+            await self._pause(1)
 
     async def _probe_loop(self, link: ssh.SSHLink) -> None:
-        health = self._pool.health
-        host = self.node.address if health.host == "@node" else health.host
-
-        async def connect(h: str, p: int) -> ssh.ChannelStream:
-            return await link.open_stream(h, p, health.timeout)
-
         while not link.closed:
+            health = self.settings.health
+            host = self.node.address if health.host == "@node" else health.host
+
+            async def connect(h: str, p: int, timeout: float = health.timeout) -> ssh.ChannelStream:
+                return await link.open_stream(h, p, timeout)
+
             started = time.monotonic()
             try:
                 body = await probe(connect, host, health.port, health.path, health.timeout)
-                result = ProbeResult(self._pool.clock(), True, time.monotonic() - started, body[:64])
+                result = ProbeResult(self._clock(), True, time.monotonic() - started, body[:64])
             except ProbeFailed as exc:
-                result = ProbeResult(self._pool.clock(), False, time.monotonic() - started, str(exc))
+                result = ProbeResult(self._clock(), False, time.monotonic() - started, str(exc))
             if link.closed:
                 return
             self.last_probe = result
@@ -232,17 +266,12 @@ class Pool:
         rng: Callable[[], float] = random.random,
         max_channels: int = 1000,
     ) -> None:
-        self.ssh = ssh_settings
-        self.max_channels = max_channels
-        self.health = health
+        self.settings = TunnelSettings(ssh_settings, health, max_channels)
+        """What every tunnel runs with; :meth:`configure` replaces it."""
         self.connector = connector
         self.clock = clock
         self.rng = rng
-        self.backoff = Backoff(
-            ssh_settings.backoff_initial, ssh_settings.backoff_max, ssh_settings.backoff_multiplier,
-            ssh_settings.backoff_jitter,
-        )
-        self.connect_slots = asyncio.Semaphore(ssh_settings.max_concurrent_connects)
+        self.connect_slots = ConnectSlots(ssh_settings.max_concurrent_connects)
         self.listeners: list[StateListener] = []
         self.tunnels: dict[str, Tunnel] = {}
         self._nodes: dict[str, Node] = {}
@@ -269,7 +298,8 @@ class Pool:
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
         for node in change.added + change.changed:
-            tunnel = Tunnel(node, self)
+            tunnel = Tunnel(node, self.settings, connector=self.connector, slots=self.connect_slots, clock=self.clock,
+                            rng=self.rng, notify=self._notify)
             self.tunnels[node.name] = tunnel
             tunnel.start()
         if not change.empty:
@@ -278,6 +308,25 @@ class Pool:
                 len(change.added), len(change.removed), len(change.changed), len(change.unchanged),
             )
         return change
+
+    def configure(self, ssh_settings: SSHSettings, health: HealthSettings) -> list[str]:
+        """Run every tunnel, existing or new, with these settings from its next step on; returns the keys that
+        changed (``ssh.backoff_initial``, ...)."""
+        new = replace(self.settings, ssh=ssh_settings, health=health)
+        changed = changed_keys(self.settings, new)
+        self.settings = new
+        self.connect_slots.resize(ssh_settings.max_concurrent_connects)
+        for tunnel in self.tunnels.values():
+            tunnel.configure(new)
+        return changed
+
+    def retry_parked(self) -> list[str]:
+        """Send RETRY to every tunnel that gave up or was refused; returns their node names."""
+        return [name for name, tunnel in sorted(self.tunnels.items()) if tunnel.retry()]
+
+    def _notify(self, tunnel: Tunnel, before: State, after: State) -> None:
+        for listener in self.listeners:
+            listener(tunnel, before, after)
 
     def owner(self, host: str) -> Tunnel | None:
         """The tunnel of the node that owns ``host``, or None when no node does."""
