@@ -17,20 +17,14 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from proxy.errors import RouteError
+
+__all__ = ["Route", "RouteError", "parse", "split_scheme_name_port"]
 SUBRESOURCES = ("log", "exec", "attach", "portforward")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _PORT = re.compile(r"^([0-9]{1,5}|[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?)$")
 # Matched with fullmatch: "$" alone would also accept a trailing newline.
 _PATH_CHARS = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$")
-
-
-class RouteError(Exception):
-    """The URL is not one the gateway serves (``status`` 404) or is malformed (400)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,6 @@ class StatusServer:
     def __init__(self, app: web.Application, settings: StatusSettings) -> None:
         self._runner = web.AppRunner(app, access_log=None)
         self._settings = settings
-        self.tcp_port: int | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -80,11 +79,7 @@ class StatusServer:
             os.chmod(path, SOCKET_MODE)
         if self._settings.listen:
             host, port = split_host_port(self._settings.listen)
-            tcp = web.TCPSite(self._runner, host, port)
-            await tcp.start()
-            sockets = getattr(tcp._server, "sockets", None)  # the bound port when listen asked for port 0
-            if sockets:
-                self.tcp_port = sockets[0].getsockname()[1]
+            await web.TCPSite(self._runner, host, port).start()
 
     async def stop(self) -> None:
         await self._runner.cleanup()
