@@ -11,6 +11,9 @@ second status line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -207,7 +210,15 @@ class Exchange:
         self.current = None
 
     def abort(self) -> None:
-        """Drop the connection without a clean end (the client must not take a truncated body for a whole one)."""
+        """Drop the connection without a clean end (the client must not take a truncated body for a whole one).
+
+        Over TCP this is a reset (``SO_LINGER`` 0: ``transport.abort()`` alone sends a FIN under asyncio and uvloop);
+        a unix socket has no reset, so a client there sees an end of data and must rely on the body's framing.
+        """
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
 
