@@ -100,6 +100,11 @@ class ClientGone(ProxyError):
     status = 499
 
 
+def looks_like_tls(data: bytes) -> bool:
+    """True when ``data`` starts like a TLS record (handshake, alert, change-cipher-spec or application data)."""
+    return len(data) >= 2 and 0x14 <= data[0] <= 0x17 and data[1] == 0x03
+
+
 _TLS_RECORD = re.compile(r"bytearray\(b'\\x1[5-7]\\x03")
 _REPR = re.compile(r":?\s*bytearray\(.*\)\s*$", re.DOTALL)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
-from proxy.errors import BadRequest, ClientGone, HeadersTooLarge, RequestTimeout, plain_words
+from proxy.errors import BadRequest, ClientGone, HeadersTooLarge, RequestTimeout, looks_like_tls, plain_words
 from proxy.failures import status_body
 from proxy.framing import ambiguity
 
@@ -55,6 +55,8 @@ class Exchange:
                     data = await self.reader.read(READ)
                 except (ConnectionError, OSError) as exc:
                     raise ClientGone(str(exc)) from exc
+                if self._cycles == 0 and self._received == 0 and looks_like_tls(data):
+                    raise BadRequest("TLS sent to a plain-HTTP port")
                 self._received += len(data)
                 self.conn.receive_data(data)
                 event = self.conn.next_event()

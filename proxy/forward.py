@@ -36,6 +36,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    looks_like_tls,
     plain_words,
 )
 from proxy.framing import ambiguity, close_delimited, is_upgrade, request_headers, response_headers
@@ -86,6 +87,8 @@ class _Upstream:
         self.up = up
         self.idle = idle
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.first = b""
+        """The first bytes the upstream sent (to say what it spoke when it was not HTTP)."""
 
     async def send(self, event: Any) -> None:
         """Send an event; the upstream must take it within ``idle`` seconds."""
@@ -104,6 +107,8 @@ class _Upstream:
                 data = await self.stream.read(READ)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"{self.up.what} sent nothing for {self.idle:g}s") from exc
+        if len(self.first) < 2:
+            self.first += data[:2]
         self.conn.receive_data(data)
 
     def event(self) -> Any:
@@ -111,8 +116,16 @@ class _Upstream:
         try:
             return self.conn.next_event()
         except h11.RemoteProtocolError as exc:
-            words = plain_words(str(exc), from_client=False)
-            raise UpstreamProtocolError(f"{self.up.what} answered with malformed HTTP: {words}") from exc
+            raise self._not_http(exc) from exc
+
+    def _not_http(self, exc: h11.RemoteProtocolError) -> UpstreamProtocolError:
+        what = self.up.what
+        if looks_like_tls(self.first):
+            return UpstreamProtocolError(f"{what}: the target spoke TLS; use the https: prefix")
+        if not self.first:
+            hint = "" if self.up.tls is not None else " (if it serves TLS, use the https: prefix)"
+            return UpstreamProtocolError(f"{what} closed the connection without answering{hint}")
+        return UpstreamProtocolError(f"{what} answered with malformed HTTP: {plain_words(str(exc), from_client=False)}")
 
 
 async def send_head(upstream: _Upstream, request: h11.Request, target: str, peer_address: str) -> None:
@@ -179,7 +192,7 @@ async def receive_head(upstream: _Upstream, body: asyncio.Task[None] | None, tim
         if why is not None:
             raise UpstreamProtocolError(f"{upstream.up.what} answered with ambiguous framing: {why}")
         return event
-    raise UpstreamProtocolError(f"{upstream.up.what} closed the connection without answering")
+    raise upstream._not_http(h11.RemoteProtocolError("no response"))
 
 
 async def switch_protocols(ex: Exchange, request: h11.Request, upstream: _Upstream, event: Any,

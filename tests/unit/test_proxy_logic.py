@@ -14,6 +14,7 @@ from proxy.apiproxy import _kubelet_path
 from proxy.connect import parse_authority
 from proxy.dialer import DestinationNotAllowed, TunnelUnavailable
 from proxy.directory import Directory, NodeInfo, PodCache, PodInfo, parse_pod_list
+from proxy.errors import BadRequest
 from proxy.framing import request_headers, response_headers
 from proxy.policy import Policy, PortSet
 from proxy.routes import RouteError, parse
@@ -164,6 +165,16 @@ def test_attach_log_and_portforward_translation() -> None:
     with pytest.raises(RouteError, match="not valid for pod") as err:
         _kubelet("/api/v1/namespaces/default/pods/web-1/log?container=other", two)
     assert err.value.status == 404
+
+
+@pytest.mark.parametrize("query", ["tailLines=abc", "limitBytes=x", "limitBytes=0", "sinceSeconds=-1",
+                                   "tailLines=%D9%A1", "tailLines=1e3"])
+def test_log_numbers_must_be_integers(query: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        _kubelet(f"/api/v1/namespaces/default/pods/web-1/log?{query}")
+    assert err.value.status == 400
+    assert _kubelet("/api/v1/namespaces/default/pods/web-1/log?tailLines=0&limitBytes=1")[1] == [
+        ("tailLines", "0"), ("limitBytes", "1")]
 
 
 def test_pod_list_parsing() -> None:
