@@ -8,7 +8,8 @@
     /api/v1/namespaces/{ns}/pods/{pod}/portforward -> kubelet /portForward/{ns}/{pod} (upgrade)
 
 Query parameters are translated as the apiserver does (``stdin=true`` -> ``input=1``, ``ports`` -> ``port``...).
-Every request gets a fresh channel to its target, as the apiserver's transports do through an egress proxy.
+Every request gets a fresh channel to its target, as the apiserver's transports do through an egress proxy; the
+dialer checks the destination policy. Failures are raised as typed errors and answered by the server core.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import h11
 from proxy.client import get
 from proxy.dialer import Dialer
 from proxy.directory import Directory, NodeInfo, PodCache, PodConflict, PodInfo
-from proxy.forward import Upstream, forward, is_upgrade, open_upstream
+from proxy.errors import BadRequest, RouteError, UpstreamError, UpstreamTimeout
+from proxy.forward import Upstream, forward, open_upstream
+from proxy.framing import is_upgrade
 from proxy.podlist import MAX_POD_LIST_BYTES, PodListRefused, parse_pod_list
-from proxy.policy import Policy
-from proxy.routes import Route, RouteError, parse
+from proxy.routes import Route, parse
 from proxy.server import Exchange
 
 log = logging.getLogger("proxy.api")
@@ -36,6 +38,8 @@ audit = logging.getLogger("proxy.audit")
 PROXY_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 STREAM_METHODS = frozenset({b"GET", b"POST"})
 LOG_PARAMS = ("follow", "previous", "timestamps", "sinceSeconds", "sinceTime", "tailLines", "limitBytes", "stream")
+LOG_NUMBERS = {"sinceSeconds": 1, "tailLines": 0, "limitBytes": 1}
+"""Log parameters that must be integers, and the least value each may take (as the apiserver validates them)."""
 EXEC_FLAGS = (("stdin", "input"), ("stdout", "output"), ("stderr", "error"), ("tty", "tty"))
 
 
@@ -47,11 +51,10 @@ class APIProxyFront:
     """Serves the proxy URLs and pod subresources through a :class:`Dialer`."""
 
     def __init__(
-        self, dialer: Dialer, policy: Policy, directory: Directory, *, kubelet_tls: ssl.SSLContext,
+        self, dialer: Dialer, directory: Directory, *, kubelet_tls: ssl.SSLContext,
         target_tls: ssl.SSLContext, pods_refresh: float = 30.0, response_timeout: float = 60.0,
     ) -> None:
         self.dialer = dialer
-        self.policy = policy
         self.directory = directory
         self.kubelet_tls = kubelet_tls
         self.target_tls = target_tls
@@ -63,9 +66,9 @@ class APIProxyFront:
                         f"kubelet of node {node.name}")
 
     async def _list_pods(self, node: NodeInfo) -> list[PodInfo]:
-        status, body = await fetch(self.dialer, self.policy, self.kubelet(node), "/pods", self.response_timeout)
+        status, body = await fetch(self.dialer, self.kubelet(node), "/pods", self.response_timeout)
         if status != 200:
-            raise RuntimeError(f"kubelet answered {status} to GET /pods")
+            raise UpstreamError(f"kubelet answered {status} to GET /pods")
         listed = parse_pod_list(node.name, body, address=node.address, pod_cidrs=node.pod_cidrs)
         for reason in listed.refused[:10]:
             audit.warning("pod refused from the kubelet of node %s: %s", node.name, reason, extra={"node": node.name})
@@ -84,19 +87,13 @@ class APIProxyFront:
             ex.next_cycle()
 
     async def handle(self, ex: Exchange, request: h11.Request) -> bool:
-        target = request.target.decode("ascii", "replace")
-        try:
-            route = parse(target)
-            up, path, upgrade_required = await self._resolve(route, request)
-        except RouteError as exc:
-            log.info("refused %s: %s", target[:200], exc.message, extra={"peer": str(ex.peer), "status": exc.status})
-            await ex.error(exc.status, exc.message)
-            return False
+        """Serve one request; True when the connection may carry another. Raises :class:`~proxy.errors.ProxyError`."""
+        route = parse(request.target.decode("ascii", "replace"))
+        up, path, upgrade_required = await self._resolve(route, request)
         if upgrade_required and not is_upgrade(request):
-            await ex.error(400, "Upgrade request required")
-            return False
+            raise BadRequest("Upgrade request required")
         prefix = route.prefix if route.kind in ("node", "pod", "service") else None
-        return await forward(ex, request, self.dialer, self.policy, up, path, location_prefix=prefix,
+        return await forward(ex, request, self.dialer, up, path, location_prefix=prefix,
                              response_timeout=self.response_timeout)
 
     async def _resolve(self, route: Route, request: h11.Request) -> tuple[Upstream, str, bool]:
@@ -195,6 +192,10 @@ def _kubelet_path(route: Route, pod: PodInfo) -> str:
         container = quote(_container(route, pod, params), safe="")
         if route.kind == "log":
             out = [(k, params[k][0]) for k in LOG_PARAMS if k in params and params[k][0]]
+            for key, least in LOG_NUMBERS.items():
+                value = (params.get(key) or [""])[0]
+                if value and (not value.isascii() or not value.isdigit() or int(value) < least):
+                    raise BadRequest(f"{key} must be an integer of at least {least}, not {value[:40]!r}")
             path = f"/containerLogs/{ns}/{name}/{container}"
         else:
             if route.kind == "exec":
@@ -207,13 +208,16 @@ def _kubelet_path(route: Route, pod: PodInfo) -> str:
     return path + ("?" + urlencode(out, quote_via=quote) if out else "")
 
 
-async def fetch(dialer: Dialer, policy: Policy, up: Upstream, path: str, timeout: float) -> tuple[int, bytes]:
-    """A GET to ``up`` through the tunnels; returns (status, body). Raises on failure or an oversized body."""
-    stream = await open_upstream(dialer, policy, up)
+async def fetch(dialer: Dialer, up: Upstream, path: str, timeout: float) -> tuple[int, bytes]:
+    """A GET to ``up`` through the tunnels; returns (status, body). Raises :class:`~proxy.errors.ProxyError` on
+    failure or an oversized body."""
+    stream = await open_upstream(dialer, up)
     try:
         async with asyncio.timeout(timeout):
             status, body, complete = await get(stream, up.authority, path, max_body=MAX_POD_LIST_BYTES,
                                                headers=[("Accept", "application/json")])
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"{up.what} did not answer GET {path} within {timeout:g}s") from exc
     finally:
         await stream.close()
     if not complete:

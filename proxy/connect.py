@@ -5,7 +5,8 @@ The apiserver opens a fresh connection per dial and sends ``CONNECT host:port HT
 the owning node's tunnel, and only then answer ``HTTP/1.1 200 Connection established`` with no headers and nothing
 after them (the apiserver refuses a 200 followed by unexpected bytes), then splice bytes both ways. A failure is a
 status line with a one-line reason, then close: 403 not allowed, 503 no tunnel, 502 tunnel down or refused, 504 dial
-timeout. Any other method gets 405.
+timeout. Any other method gets 405. The dialer checks the destination policy; failures are typed errors the server
+answers (:mod:`proxy.failures`).
 
 Who may connect is decided by the listener: permissions on the unix socket, or a client certificate on TCP.
 """
@@ -18,13 +19,12 @@ import time
 import h11
 
 from netnames import split_authority
-from proxy.dialer import Dialer, DialError
-from proxy.policy import Policy
+from proxy.dialer import Dialer
+from proxy.errors import BadRequest, RouteError
 from proxy.server import Exchange
 from proxy.splice import splice
 
 log = logging.getLogger("proxy.connect")
-audit = logging.getLogger("proxy.audit")
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -37,36 +37,24 @@ def parse_authority(target: str) -> tuple[str, int]:
 
 
 class ConnectFront:
-    """Serves CONNECT requests through a :class:`Dialer`, within a :class:`Policy`."""
+    """Serves CONNECT requests through a :class:`Dialer` (a :class:`~proxy.policy.PolicyDialer` in the gateway)."""
 
-    def __init__(self, dialer: Dialer, policy: Policy) -> None:
+    def __init__(self, dialer: Dialer) -> None:
         self.dialer = dialer
-        self.policy = policy
 
     async def __call__(self, ex: Exchange) -> None:
         request = await ex.request()
         if request is None:
             return
         if request.method != b"CONNECT":
-            await ex.error(405, "this endpoint only supports CONNECT", [("Allow", "CONNECT")])
-            return
+            raise RouteError(405, "this endpoint only supports CONNECT", [("Allow", "CONNECT")])
         target = request.target.decode("ascii", "replace")
         try:
             host, port = parse_authority(target)
         except ValueError as exc:
-            audit.warning("connect refused", extra={"peer": str(ex.peer), "target": target[:200], "status": 400})
-            await ex.error(400, f"invalid CONNECT target {target[:200]!r}: {exc}")
-            return
+            raise BadRequest(f"invalid CONNECT target {target[:200]!r}: {exc}") from exc
         started = time.monotonic()
-        try:
-            self.policy.check(host, port)
-            stream = await self.dialer.dial(host, port)
-        except DialError as exc:
-            level = logging.WARNING if exc.status == 403 else logging.INFO
-            audit.log(level, "connect refused: %s", exc.message,
-                      extra={"peer": str(ex.peer), "target": target, "status": exc.status})
-            await ex.error(exc.status, exc.message)
-            return
+        stream = await self.dialer.dial(host, port)
         try:
             await ex.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
         except BaseException:

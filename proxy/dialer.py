@@ -2,7 +2,8 @@
 
 A front asks a :class:`Dialer` for a :class:`Stream` to ``host:port``. The gateway's dialer opens an SSH
 ``direct-tcpip`` channel through a node's tunnel; tests may hand in :class:`TCPDialer`, which connects directly.
-Failures are :class:`DialError` subclasses carrying the HTTP status and a short reason a front should answer with.
+Failures are :class:`DialError` subclasses (in the tree of :mod:`proxy.errors`) carrying the HTTP status and a
+one-line message a front answers with; a stream that breaks in use raises :class:`~proxy.errors.StreamError`.
 """
 
 from __future__ import annotations
@@ -11,38 +12,35 @@ import asyncio
 from typing import Protocol, runtime_checkable
 
 from netnames import normalize_host
+from proxy.errors import ProxyError, StreamError
 
+__all__ = [
+    "ChannelRefused", "DestinationNotAllowed", "DialError", "DialTimeout", "Dialer", "NoTunnel", "Overloaded",
+    "Stream", "StreamError", "TCPDialer", "TCPStream", "TunnelDown", "TunnelUnavailable",
+]
 
-class DialError(Exception):
-    """A dial failed. ``status`` is the HTTP status a front should answer with."""
+class DialError(ProxyError):
+    """A dial failed. ``status`` is the HTTP status a front answers with."""
 
-    status: int = 502
-    reason: str = "Bad Gateway"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    status = 502
 
 
 class DestinationNotAllowed(DialError):
     """The destination is outside the configured policy."""
 
     status = 403
-    reason = "Forbidden"
 
 
 class NoTunnel(DialError):
     """No node owns the destination, and no healthy tunnel may carry it."""
 
     status = 503
-    reason = "Service Unavailable"
 
 
 class TunnelDown(DialError):
     """The owning node's tunnel is not connected."""
 
     status = 502
-    reason = "Bad Gateway"
 
 
 class TunnelUnavailable(TunnelDown):
@@ -53,32 +51,24 @@ class TunnelUnavailable(TunnelDown):
     """
 
     status = 503
-    reason = "Service Unavailable"
 
 
 class ChannelRefused(DialError):
     """The node's sshd refused to open the forwarded channel."""
 
     status = 502
-    reason = "Bad Gateway"
 
 
 class Overloaded(DialError):
     """A limit was reached (channels per tunnel); retry later."""
 
     status = 503
-    reason = "Service Unavailable"
 
 
 class DialTimeout(DialError):
     """Opening the channel took longer than the dial timeout."""
 
     status = 504
-    reason = "Gateway Timeout"
-
-
-class StreamError(Exception):
-    """A stream broke while in use (the tunnel dropped, the peer reset). Never a clean end of data."""
 
 
 @runtime_checkable

@@ -47,7 +47,6 @@ from proxy.konnectivity_pb2 import (
     DialResponse,
     Packet,
 )
-from proxy.policy import Policy
 from proxy.server import prepare_socket_path
 
 log = logging.getLogger("proxy.grpc")
@@ -69,11 +68,11 @@ class GRPCLimits:
 
 
 class KonnectivityFront:
-    """Serves ``ProxyService.Proxy`` streams through a :class:`Dialer`, within a :class:`Policy`."""
+    """Serves ``ProxyService.Proxy`` streams through a :class:`Dialer` (a :class:`~proxy.policy.PolicyDialer` in the
+    gateway, which checks the destination policy)."""
 
-    def __init__(self, dialer: Dialer, policy: Policy, limits: GRPCLimits | None = None) -> None:
+    def __init__(self, dialer: Dialer, limits: GRPCLimits | None = None) -> None:
         self.dialer = dialer
-        self.policy = policy
         self.limits = limits or GRPCLimits()
         self.streams = 0
         """``Proxy`` streams open now."""
@@ -238,7 +237,6 @@ class _Exchange:
         return f"unexpected packet type {int(packet.type)} during the dial"
 
     async def _checked_dial(self, host: str, port: int) -> Stream:
-        self.front.policy.check(host, port)
         return await self.front.dialer.dial(host, port)
 
     async def _relay(self, stream: Stream, connect_id: int, target: str, first_read: asyncio.Task[Any]) -> None:

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netnames import IPNetwork, is_dns_label, is_dns_subdomain, parse_ip, parse_port
+from proxy.errors import UpstreamError
 
 MAX_POD_LIST_BYTES = 8 * 1024 * 1024
 MAX_POD_ITEMS = 1000
 MAX_CONTAINERS = 64
 
 
-class PodListRefused(Exception):
-    """A node's pod list as a whole is refused (too large, not a PodList)."""
+class PodListRefused(UpstreamError):
+    """A node's pod list as a whole is refused (too large, not a PodList): a 502 where a request needed it."""
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,20 @@ address of a pod CIDR is the node's bridge (the node itself, with every port it 
 only with ``allow_pod_gateway``.
 
 The host is checked in its normal form (:func:`netnames.normalize_host`); dialers send that same form to the node.
+
+:class:`PolicyDialer` is the one place the fronts' dials are checked: it wraps the dialer that carries them (as
+``InstrumentedDialer`` wraps it for metrics), parses the host once, checks it, and dials the host in the normalised
+form it checked, so what the node is asked to connect to is exactly what the policy allowed. The gateway swaps its
+``policy`` when the inventory changes; the fronts never see a :class:`Policy`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from netnames import IPNetwork, PortSet, host_key
+from netnames import IPAddress, IPNetwork, PortSet, host_key
 from proxy.cidr import NetworkTable
-from proxy.dialer import DestinationNotAllowed
+from proxy.dialer import DestinationNotAllowed, Dialer, Stream
 
 __all__ = ["Policy", "PortSet"]
 
@@ -41,6 +46,10 @@ class Policy:
     def check(self, host: str, port: int) -> None:
         """Raise :class:`DestinationNotAllowed` unless ``host:port`` is allowed."""
         key, ip = host_key(host)
+        self.check_key(key, ip, port, host)
+
+    def check_key(self, key: str, ip: IPAddress | None, port: int, host: str) -> None:
+        """:meth:`check` for a host already keyed by :func:`~proxy.cidr.host_key` (``host`` as asked, for messages)."""
         kubelet_port = self.node_hosts.get(key)
         if kubelet_port is not None:
             if port == kubelet_port or port in self.node_ports:
@@ -61,3 +70,19 @@ class Policy:
             raise DestinationNotAllowed(f"port {port} is not a port of the service at {host}")
         raise DestinationNotAllowed(f"{host} is not a node, pod or service address of this cluster")
 
+
+
+class PolicyDialer:
+    """A :class:`~proxy.dialer.Dialer` that lets through only what :attr:`policy` allows, in normalised form."""
+
+    def __init__(self, dialer: Dialer, policy: Policy) -> None:
+        self._dialer = dialer
+        self.policy = policy
+        """Replaced as a whole when the inventory changes; each dial reads it once."""
+
+    async def dial(self, host: str, port: int) -> Stream:
+        """Raise :class:`DestinationNotAllowed`, or dial the host as the policy keyed it (``NODE-1.`` -> ``node-1``,
+        ``[::1]`` -> ``::1``), so the node is never asked for another spelling than the one checked."""
+        key, ip = host_key(host)
+        self.policy.check_key(key, ip, port, host)
+        return await self._dialer.dial(key, port)

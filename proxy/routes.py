@@ -18,18 +18,11 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from netnames import is_dns_subdomain, is_port_name, parse_port
+from proxy.errors import RouteError
 
+__all__ = ["Route", "RouteError", "parse", "split_scheme_name_port"]
 SUBRESOURCES = ("log", "exec", "attach", "portforward")
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
-
-
-class RouteError(Exception):
-    """The URL is not one the gateway serves (``status`` 404) or is malformed (400)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,15 @@
 
 aiohttp's web application cannot serve CONNECT or hand over a raw upgraded connection, which are the two things a
 proxy front needs, so the fronts run on plain asyncio streams with h11 doing the HTTP/1.1 parsing and framing.
-Each accepted connection becomes an :class:`Exchange`; a front's handler gets it once per request.
+Each accepted connection becomes an :class:`~proxy.exchange.Exchange`, which the front's handler is given.
 
 Limits protect the gateway from slow or hostile clients: a cap on open connections (beyond it: 503 and close), a
 header-size limit (431), a time limit for receiving a request head (408, slowloris), and an idle limit between
-requests on a kept-alive connection.
+requests on a kept-alive connection and between reads of a request body. A request whose body length could be read
+two ways is refused with 400 before a front sees it (:mod:`proxy.framing`).
+
+Handlers raise the typed errors of :mod:`proxy.errors`; the server answers them in one place
+(:func:`proxy.failures.answer`) and closes the connection.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any
-
-import h11
 
 from netnames import peer_cred
+from proxy.errors import ClientGone, Overcrowded
+from proxy.exchange import Exchange, reason_phrase
+from proxy.failures import answer
+
+__all__ = ["ClientGone", "Exchange", "Handler", "Limits", "Peer", "Server", "reason_phrase"]
 
 log = logging.getLogger("proxy.server")
 audit = logging.getLogger("proxy.audit")
@@ -45,10 +50,6 @@ class Limits:
     idle_timeout: float = 60.0
 
 
-class ClientGone(Exception):
-    """The client closed or broke the connection."""
-
-
 @dataclass(frozen=True)
 class Peer:
     """Who is on the other end, for logs and audit: a certificate subject or unix credentials."""
@@ -58,151 +59,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.identity}@{self.address}" if self.identity else self.address
-
-
-class Exchange:
-    """One client connection: read requests, write responses, or switch to raw bytes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits, peer: Peer) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.limits = limits
-        self.peer = peer
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        self._received = 0  # bytes fed to h11 since the current request head was awaited
-        self._cycles = 0
-
-    async def _next(self, timeout: float) -> Any:
-        event = self.conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event  # already buffered: no read, no timer
-        async with asyncio.timeout(timeout):
-            while event is h11.NEED_DATA:
-                try:
-                    data = await self.reader.read(READ)
-                except (ConnectionError, OSError) as exc:
-                    raise ClientGone(str(exc)) from exc
-                self._received += len(data)
-                self.conn.receive_data(data)
-                event = self.conn.next_event()
-        return event
-
-    async def request(self) -> h11.Request | None:
-        """The next request head, or None when the client is done. Errors are answered here."""
-        first = self._cycles == 0
-        buffered = len(self.conn.trailing_data[0])
-        self._received = 0
-        try:
-            # The first head must arrive within header_timeout; a kept-alive connection may idle longer first.
-            event = await self._next(self.limits.header_timeout if first else self.limits.idle_timeout)
-        except TimeoutError:
-            if first:
-                await self.error(408, "request head not received in time")
-            return None
-        except h11.RemoteProtocolError as exc:
-            await self.error(exc.error_status_hint, _protocol_message(exc))
-            return None
-        except ClientGone:
-            return None
-        if isinstance(event, h11.Request):
-            # h11 bounds only a head that is still incomplete; one that arrived whole in a read is measured here.
-            if buffered + self._received - len(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
-                await self.error(431, "request header fields too large")
-                return None
-            if event.http_version not in (b"1.0", b"1.1"):
-                await self.error(505, f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported")
-                return None
-            return event
-        return None  # ConnectionClosed, or anything unexpected: done
-
-    async def body(self) -> AsyncIterator[bytes]:
-        """The request body, as it arrives."""
-        while True:
-            try:
-                event = await self._next(self.limits.idle_timeout)
-            except TimeoutError as exc:
-                raise ClientGone("request body stalled") from exc
-            except h11.RemoteProtocolError as exc:
-                raise ClientGone(f"bad request body: {exc}") from exc
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
-                return
-            else:
-                raise ClientGone("connection closed during the request body")
-
-    def empty_body(self, request: h11.Request) -> bool:
-        """True, and the request's end consumed, when the current request carries no body (most GETs).
-
-        Lets a front skip streaming a body it knows is empty; when False, read the body with :meth:`body`.
-        """
-        if self.conn.their_state is not h11.SEND_BODY:
-            return False
-        for name, value in request.headers:
-            if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-                return False
-        event = self.conn.next_event()
-        assert isinstance(event, h11.EndOfMessage), event
-        return True
-
-    async def send(self, *events: Any) -> None:
-        """Send h11 events (a response head, data, end of message) and wait for the client to take them."""
-        data = b"".join([self.conn.send(event) or b"" for event in events])  # one write: one syscall, one segment
-        if data:
-            self.writer.write(data)
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise ClientGone(str(exc)) from exc
-
-    async def error(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
-        """Answer with ``status`` and a one-line text body, and close after it."""
-        body = (message.rstrip() + "\n").encode("utf-8", "replace")
-        head = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                ("Connection", "close"), *(headers or [])]
-        try:
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self.send(h11.Response(status_code=status, headers=head, reason=reason_phrase(status)),
-                                h11.Data(data=body), h11.EndOfMessage())
-            elif self.conn.our_state is h11.ERROR or self.conn.their_state is h11.ERROR:
-                # h11 refuses to speak after a protocol error; the status line is still owed to the client.
-                reason = reason_phrase(status).decode()
-                lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in head), "", ""]
-                self.writer.write("\r\n".join(lines).encode() + body)
-                await self.writer.drain()
-        except (ClientGone, ConnectionError, OSError, h11.LocalProtocolError):
-            pass
-
-    def switched(self) -> bytes:
-        """After a 2xx to CONNECT or a 101: the bytes the client already sent past the request."""
-        return bytes(self.conn.trailing_data[0])
-
-    @property
-    def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
-
-    def next_cycle(self) -> None:
-        """Get ready for the next request on a kept-alive connection (it may idle up to ``idle_timeout`` first)."""
-        self.conn.start_next_cycle()
-        self._cycles += 1
-
-    def abort(self) -> None:
-        """Drop the connection without a clean end (the client must not take a truncated body for a whole one)."""
-        self.writer.transport.abort()
-
-
-def reason_phrase(status: int) -> bytes:
-    """The standard reason phrase for ``status`` (h11 sends none unless told)."""
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Error"
-
-
-def _protocol_message(exc: h11.RemoteProtocolError) -> str:
-    if exc.error_status_hint == 431:
-        return "request header fields too large"
-    return f"malformed request: {exc}"
 
 
 Handler = Callable[[Exchange], Awaitable[None]]
@@ -326,16 +182,10 @@ class Server:
         ex = Exchange(reader, writer, self.limits, peer)
         try:
             if len(self._tasks) > self.limits.max_connections:
-                log.warning("%s: connection limit (%d) reached; refusing %s", self.name,
-                            self.limits.max_connections, peer)
-                await ex.error(503, "too many connections")
-                return
+                raise Overcrowded(f"too many connections (limits.max_connections = {self.limits.max_connections})")
             await self._handler(ex)
-        except ClientGone:
-            pass
-        except Exception:
-            log.exception("%s: handler failed", self.name)
-            await ex.error(500, "internal error")
+        except Exception as exc:
+            await answer(ex, exc, self.name)
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -25,7 +25,6 @@ class TLSVerifyError(DialError):
     """The target's certificate is not trusted or names someone else."""
 
     status = 502
-    reason = "Bad Gateway"
 
 
 def certificate_names(der: bytes) -> list[str]:

@@ -17,7 +17,7 @@ from proxy.apiproxy import APIProxyFront
 from proxy.connect import ConnectFront
 from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
 from proxy.grpcfront import GRPCLimits, KonnectivityFront
-from proxy.policy import Policy, PortSet
+from proxy.policy import Policy, PolicyDialer, PortSet
 from proxy.server import Limits, Server
 from tunneld import __version__
 from tunneld.certsd import CertsDaemon
@@ -83,26 +83,28 @@ class Gateway:
         """The certificates API, store and signer; only with ``[api]``."""
         self.pool = Pool(config.ssh, config.health, max_channels=config.limits.max_channels_per_tunnel)
         self.metrics = Metrics(self.pool, self.csr_counts)
-        self.dialer = InstrumentedDialer(TunnelDialer(self.pool, config.dial), self.metrics)
+        self.unchecked_dialer = InstrumentedDialer(TunnelDialer(self.pool, config.dial), self.metrics)
+        """Metrics, then the tunnels: for the gateway's own requests (the dev cluster's self-check), never a front's."""
+        self.dialer = PolicyDialer(self.unchecked_dialer, build_policy(config))
+        """What the fronts dial through: the destination policy in front of :attr:`unchecked_dialer`."""
         self.sync = TunnelSync(self.pool, config.health.sync_max_age)
         self.health = HealthChecks(self.sync)
-        self.policy = build_policy(config)
         self.directory = Directory(*directory_entries(config))
         k = config.kubelet
         self.tls = TLSFiles()
         """Every TLS context built from files; SIGHUP re-reads them in place."""
         self.kubelet_tls = self.tls.client("kubelet client", _str(k.certificate_authority),
                                            _str(k.client_certificate), _str(k.client_key))
-        self.connect_front = ConnectFront(self.dialer, self.policy)
+        self.connect_front = ConnectFront(self.dialer)
         self.api_front = APIProxyFront(
-            self.dialer, self.policy, self.directory, kubelet_tls=self.kubelet_tls,
+            self.dialer, self.directory, kubelet_tls=self.kubelet_tls,
             target_tls=self.tls.client("proxy targets", _str(config.proxy.target_certificate_authority)),
             pods_refresh=config.proxy.pods_refresh,
         )
         lim = config.limits
         limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
         self.egress = Server("egress", self.connect_front, limits)
-        self.grpc_front = KonnectivityFront(self.dialer, self.policy, GRPCLimits(
+        self.grpc_front = KonnectivityFront(self.dialer, GRPCLimits(
             lim.max_connections, config.egress.grpc_max_pending_dials, lim.header_timeout))
         self.proxy = Server("proxy", self.api_front, limits)
         status_app = make_app(self.pool, self.info, self.health, self.metrics)
@@ -228,10 +230,7 @@ class Gateway:
             log.warning("inventory: %s", note)
         self._merge_notes = set(notes)
         effective = replace(self.config, nodes=tuple(merged))
-        self.policy = build_policy(effective)
-        self.connect_front.policy = self.policy
-        self.grpc_front.policy = self.policy
-        self.api_front.policy = self.policy
+        self.dialer.policy = build_policy(effective)
         self.directory.update(*directory_entries(effective))
         if self.certs is not None:
             self.certs.set_nodes(merged)

@@ -13,10 +13,10 @@ from proxy.dialer import (
     DialTimeout,
     NoTunnel,
     Overloaded,
-    StreamError,
     TunnelDown,
     TunnelUnavailable,
 )
+from proxy.errors import StreamError
 
 __all__ = [
     "AuthFailed",
@@ -47,22 +47,14 @@ class ConfigError(Exception):
 class ConnectFailed(Exception):
     """An SSH connection to a node could not be established."""
 
-    kind = "connect"
-
 
 class HostKeyRejected(ConnectFailed):
     """The node's host key is not trusted by the configured known_hosts (possible man in the middle)."""
-
-    kind = "host-key"
 
 
 class AuthFailed(ConnectFailed):
     """The node's sshd did not accept the gateway's key."""
 
-    kind = "auth"
-
 
 class ConnectTimeout(ConnectFailed):
     """The TCP connect or SSH handshake took too long."""
-
-    kind = "timeout"

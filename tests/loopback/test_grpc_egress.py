@@ -15,7 +15,7 @@ import pytest
 from proxy.dialer import Stream
 from proxy.grpcfront import GRPCLimits, KonnectivityFront
 from proxy.konnectivity_pb2 import DATA, DIAL_REQ, Data, DialRequest, Packet
-from proxy.policy import Policy, PortSet
+from proxy.policy import Policy, PolicyDialer, PortSet
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 
@@ -221,7 +221,8 @@ class _SlowDialer:
 
 async def test_dial_cls_drops_a_pending_dial_and_pending_dials_are_bounded(short_dir: Path) -> None:
     dialer = _SlowDialer()
-    front = KonnectivityFront(dialer, Policy(node_hosts={"10.1.1.1": 10250}, node_ports=PortSet.parse([])),
+    front = KonnectivityFront(PolicyDialer(dialer, Policy(node_hosts={"10.1.1.1": 10250},
+                                                          node_ports=PortSet.parse([]))),
                               GRPCLimits(max_streams=64, max_pending_dials=3, first_packet_timeout=1.0))
     sock = short_dir / "grpc.sock"
     await front.listen_unix(sock, 0o600)

@@ -148,7 +148,7 @@ async def test_partition_is_detected_within_keepalive_and_dials_fail_fast_with_5
             assert result.status == 503, result
             assert time.monotonic() - started < 1.5
         with pytest.raises(TunnelDown) as exc:
-            await gw.dialer.dial(n0.address, n0.app_port)
+            await gw.unchecked_dialer.dial(n0.address, n0.app_port)
         assert exc.value.status == 503
 
         # The other node is unaffected.

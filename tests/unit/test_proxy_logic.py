@@ -14,7 +14,8 @@ from proxy.apiproxy import _kubelet_path
 from proxy.connect import parse_authority
 from proxy.dialer import DestinationNotAllowed, TunnelUnavailable
 from proxy.directory import Directory, NodeInfo, PodCache, PodInfo, parse_pod_list
-from proxy.forward import Upstream, request_headers, response_headers
+from proxy.errors import BadRequest
+from proxy.framing import request_headers, response_headers
 from proxy.policy import Policy, PortSet
 from proxy.routes import RouteError, parse
 
@@ -104,7 +105,7 @@ def test_request_headers_drop_hop_by_hop_and_credentials() -> None:
         ("X-Private", "1"), ("Keep-Alive", "timeout=5"), ("Proxy-Authorization", "Basic x"), ("TE", "trailers"),
         ("Transfer-Encoding", "chunked"), ("Accept", "text/plain"), ("X-Forwarded-For", "203.0.113.9"),
     ])
-    out = dict(request_headers(request, Upstream("10.244.1.7", 8080), "198.51.100.4:5555"))
+    out = dict(request_headers(request, "10.244.1.7:8080", "198.51.100.4:5555"))
     assert out[b"host"] == b"10.244.1.7:8080"
     assert out[b"accept"] == b"text/plain"
     assert out[b"x-forwarded-for"] == b"203.0.113.9, 198.51.100.4"
@@ -118,7 +119,7 @@ def test_upgrade_request_keeps_upgrade_headers() -> None:
         ("Host", "g"), ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Key", "k"),
         ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"),
     ])
-    out = request_headers(request, Upstream("192.0.2.11", 10250), "unix")
+    out = request_headers(request, "192.0.2.11:10250", "unix")
     assert (b"connection", b"Upgrade") in out and (b"upgrade", b"websocket") in out
     assert (b"sec-websocket-protocol", b"v5.channel.k8s.io") in out
     assert not any(name == b"x-forwarded-for" for name, _ in out)
@@ -164,6 +165,16 @@ def test_attach_log_and_portforward_translation() -> None:
     with pytest.raises(RouteError, match="not valid for pod") as err:
         _kubelet("/api/v1/namespaces/default/pods/web-1/log?container=other", two)
     assert err.value.status == 404
+
+
+@pytest.mark.parametrize("query", ["tailLines=abc", "limitBytes=x", "limitBytes=0", "sinceSeconds=-1",
+                                   "tailLines=%D9%A1", "tailLines=1e3"])
+def test_log_numbers_must_be_integers(query: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        _kubelet(f"/api/v1/namespaces/default/pods/web-1/log?{query}")
+    assert err.value.status == 400
+    assert _kubelet("/api/v1/namespaces/default/pods/web-1/log?tailLines=0&limitBytes=1")[1] == [
+        ("tailLines", "0"), ("limitBytes", "1")]
 
 
 def test_pod_list_parsing() -> None:

@@ -162,7 +162,7 @@ async def healthz_through_tunnels(gateway: Gateway) -> dict[str, str]:
     results: dict[str, str] = {}
     for name, node in sorted(gateway.pool.nodes.items()):
         try:
-            status, body = await http_get(gateway.dialer.dial, node.address, HEALTHZ_PORT, "/healthz", 5.0)
+            status, body = await http_get(gateway.unchecked_dialer.dial, node.address, HEALTHZ_PORT, "/healthz", 5.0)
             results[name] = body.decode().strip() if status == 200 else f"HTTP {status}"
         except ProbeFailed as exc:
             results[name] = f"failed: {exc}"
