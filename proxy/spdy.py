@@ -390,9 +390,13 @@ class Session:
 
     async def close(self) -> None:
         """End the session: GOAWAY, then close the connection and wait for the reader to stop."""
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.send(Frame(GOAWAY, 0))
-        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            async with asyncio.timeout(1.0):  # a peer that reads nothing cannot hold the close up
+                await self.send(Frame(GOAWAY, 0))
+        if self.writer.transport.get_write_buffer_size():
+            self.writer.transport.abort()  # unsent bytes for a peer that stopped reading: drop them
+        else:
+            self.writer.close()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
