@@ -52,15 +52,15 @@ async def test_dial_routes_by_address_and_pod_cidr(cluster: DevCluster) -> None:
     try:
         n1, n2 = gw.pool.nodes["node-1"], gw.pool.nodes["node-2"]
         for node in (n1, n2):
-            status, body = await http_get(gw.dialer.dial, node.address, HEALTHZ_PORT, "/healthz", 5)
+            status, body = await http_get(gw.unchecked_dialer.dial, node.address, HEALTHZ_PORT, "/healthz", 5)
             assert (status, body) == (200, b"ok")
-            status, _ = await http_get(gw.dialer.dial, node.name, HEALTHZ_PORT, "/healthz", 5)
+            status, _ = await http_get(gw.unchecked_dialer.dial, node.name, HEALTHZ_PORT, "/healthz", 5)
             assert status == 200
         # Pod IPs route to the node owning the pod CIDR; the simulated node refuses anything beyond itself,
         # and its refusal names it, which shows which tunnel carried the dial.
         for pod_ip, owner in (("10.244.1.10", "node-1"), ("10.244.2.99", "node-2")):
             with pytest.raises(ChannelRefused) as exc:
-                await gw.dialer.dial(pod_ip, 80)
+                await gw.unchecked_dialer.dial(pod_ip, 80)
             assert exc.value.status == 502
             assert f"node {owner} refused" in str(exc.value) and f"reachable from {owner}" in str(exc.value)
     finally:
@@ -73,7 +73,7 @@ async def test_random_fallback_and_refusal(cluster: DevCluster) -> None:
         # 127.0.0.1 belongs to no node: it goes through some healthy tunnel, and lands on that node's loopback.
         used = set()
         for _ in range(12):
-            stream = await gw.dialer.dial("127.0.0.1", HEALTHZ_PORT)
+            stream = await gw.unchecked_dialer.dial("127.0.0.1", HEALTHZ_PORT)
             await stream.close()
             used |= {name for name, t in gw.pool.tunnels.items() if t.counters.channels_total > 1}
         assert used, "a fallback dial must use some tunnel"
@@ -83,7 +83,7 @@ async def test_random_fallback_and_refusal(cluster: DevCluster) -> None:
     gw = await started(replace(cfg, dial=replace(cfg.dial, random_fallback=False)))
     try:
         with pytest.raises(NoTunnel) as exc:
-            await gw.dialer.dial("127.0.0.1", HEALTHZ_PORT)
+            await gw.unchecked_dialer.dial("127.0.0.1", HEALTHZ_PORT)
         assert exc.value.status == 503 and "random_fallback is off" in str(exc.value)
     finally:
         await gw.stop()
@@ -98,14 +98,14 @@ async def test_node_down_and_back(cluster: DevCluster) -> None:
         await wait_for(lambda: states(gw)["node-1"] in ("down", "connecting"), what="node-1 down")
         assert states(gw)["node-2"] == "up" and states(gw)["node-3"] == "up"
         with pytest.raises(TunnelDown) as exc:
-            await gw.dialer.dial(sim.address, HEALTHZ_PORT)
+            await gw.unchecked_dialer.dial(sim.address, HEALTHZ_PORT)
         assert exc.value.status == 503 and "node-1" in str(exc.value)  # down and reconnecting: retry later
         assert gw.pool.tunnels["node-1"].machine.last_error
         await sim.start()
         await wait_for(lambda: states(gw)["node-1"] == "up", what="node-1 back up")
         assert gw.pool.tunnels["node-1"].machine.connects == 2
         assert gw.pool.tunnels["node-2"].machine.connects == 1, "other tunnels untouched"
-        status, _ = await http_get(gw.dialer.dial, sim.address, HEALTHZ_PORT, "/healthz", 5)
+        status, _ = await http_get(gw.unchecked_dialer.dial, sim.address, HEALTHZ_PORT, "/healthz", 5)
         assert status == 200
     finally:
         await gw.stop()
@@ -138,7 +138,7 @@ async def test_host_key_from_another_ca_is_refused_before_login(cluster: DevClus
             assert t.machine.connects == 0 and t.machine.connect_failures == 1, "refused at the first attempt"
             assert t.next_retry is None, "parked: no retry is scheduled"
         with pytest.raises(TunnelDown) as exc:
-            await gw.dialer.dial(cluster.sim_nodes[0].address, HEALTHZ_PORT)
+            await gw.unchecked_dialer.dial(cluster.sim_nodes[0].address, HEALTHZ_PORT)
         assert exc.value.status == 502 and "is refused" in str(exc.value)
         # RETRY (what a reload sends) makes one new attempt, refused again: the count restarted at 0.
         assert gw.pool.retry_parked() == ["node-1", "node-2", "node-3"]
@@ -173,7 +173,7 @@ async def test_channel_bytes_and_open_channels_are_counted(cluster: DevCluster) 
     gw = await started(replace(cfg, health=replace(cfg.health, enabled=False)))
     try:
         t = gw.pool.tunnels["node-3"]
-        stream = await gw.dialer.dial(t.node.address, HEALTHZ_PORT)
+        stream = await gw.unchecked_dialer.dial(t.node.address, HEALTHZ_PORT)
         assert t.counters.open_channels == 1
         req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         await stream.write(req)
