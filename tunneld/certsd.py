@@ -33,6 +33,7 @@ from certs.tokens import StaticToken, load_token_file
 from netnames import split_host_port
 from tunneld.config import APISettings, Config, CSRSettings, Node
 from tunneld.ops.logs import add_secret
+from tunneld.tlsfiles import TLSFiles
 
 log = logging.getLogger("tunneld.certs")
 
@@ -114,12 +115,18 @@ class CertsDaemon:
             except ValueError as exc:
                 log.error("token file not reloaded: %s", exc)
 
-    def _tls(self) -> ssl.SSLContext:
-        ca_file = str(self.ca_settings.cert)
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            return api_tls_context(str(self.settings.tls_cert), str(self.settings.tls_key), ca_file)
-        host, _ = split_host_port(self.settings.listen)
-        names = [*self.settings.server_names, "localhost", socket.gethostname()]
+    def tls_context(self, config: Config) -> ssl.SSLContext | None:
+        """The API listener's context, built afresh (the ``tls_context`` role of :class:`~tunneld.tlsfiles.TLSFiles`):
+        ``[api] tls_cert``/``tls_key`` as the files are now, else a server certificate just issued by the CA.
+        Client certificates are verified against the CA this daemon signs with (loaded at start: ``[ca]`` changes
+        take effect on restart), never against what the CA file may hold since."""
+        api = config.api
+        if api is None:
+            return None
+        if api.tls_cert is not None and api.tls_key is not None:
+            return api_tls_context(str(api.tls_cert), str(api.tls_key), self.ca.pem)
+        host, _ = split_host_port(api.listen)
+        names = [*api.server_names, "localhost", socket.gethostname()]
         if not _wildcard(host):
             names.insert(0, host)
         cert, key = self.ca.issue_server(names)
@@ -128,14 +135,14 @@ class CertsDaemon:
         try:
             write_secret(tmp / "tls.crt", cert_pem(cert))
             write_secret(tmp / "tls.key", key_pem(key))
-            return api_tls_context(str(tmp / "tls.crt"), str(tmp / "tls.key"), ca_file)
+            return api_tls_context(str(tmp / "tls.crt"), str(tmp / "tls.key"), self.ca.pem)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def start(self) -> None:
-        """Bind the API listener and start the signer loop."""
+    async def start(self, tls: TLSFiles) -> None:
+        """Bind the API listener (its TLS a role of ``tls``, rebuilt on reload) and start the signer loop."""
         host, port = split_host_port(self.settings.listen)
-        await self.api.start(host, port, self._tls())
+        await self.api.start(host, port, tls.server("certificates API", self.tls_context))
         self._signer = asyncio.create_task(self.service.run_signer(), name="csr-signer")
         log.info("certificates API at %s (CA pin %s)", self.url, self.ca.pin)
 
