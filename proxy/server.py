@@ -26,6 +26,8 @@ from typing import Any
 
 import h11
 
+from proxy.unixsock import OwnedSocket, prepare_socket_path
+
 log = logging.getLogger("proxy.server")
 audit = logging.getLogger("proxy.audit")
 
@@ -220,7 +222,7 @@ class Server:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._socket_paths: list[Path] = []
+        self._socket_paths: list[OwnedSocket] = []
         self.ports: list[int] = []
 
     @property
@@ -301,7 +303,7 @@ class Server:
             os.umask(old)
         os.chmod(path, mode)
         self._servers.append(server)
-        self._socket_paths.append(path)
+        self._socket_paths.append(OwnedSocket.of(path))
         log.info("%s listening on unix:%s (mode %04o)", self.name, path, mode)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -348,8 +350,9 @@ class Server:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
-        for path in self._socket_paths:
-            path.unlink(missing_ok=True)
+        for owned in self._socket_paths:
+            owned.remove()
+        self._socket_paths.clear()
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; let open connections finish for up to ``grace`` seconds, then cut them."""
@@ -412,20 +415,3 @@ def _peer(writer: asyncio.StreamWriter) -> Peer:
             pid, uid, _gid = struct.unpack("3i", creds)
             return Peer("unix", f"uid={uid},pid={pid}")
     return Peer("unix")
-
-
-def prepare_socket_path(path: Path) -> None:
-    """Make room for a unix socket: remove a stale one, refuse to take a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.is_socket():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: left over from a crashed run
-        else:
-            raise OSError(f"{path} is in use by a running process")
-        finally:
-            probe.close()
-    elif path.exists():
-        raise OSError(f"{path} exists and is not a socket")
