@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from certs.api import APIServer, api_tls_context, local_authenticator, make_app, tls_authenticator
+from certs.api import api_tls_context, local_authenticator, make_app, tls_authenticator
 from certs.approval import make_policy
 from certs.ca import CertificateAuthority, cert_pem, key_pem
 from certs.etcd_store import EtcdStore, client_tls
@@ -31,6 +31,8 @@ from certs.sqlite_store import SQLiteStore
 from certs.store import Store
 from certs.tokens import StaticToken, load_token_file
 from netnames import split_host_port
+from proxy.server import Limits
+from tunneld.apilistener import APIListener
 from tunneld.config import APISettings, Config, CSRSettings, Node
 from tunneld.ops.logs import add_secret
 from tunneld.tlsfiles import TLSFiles
@@ -95,7 +97,9 @@ class CertsDaemon:
         self.service = CertService(self.store, self.ca, policy, node_inventory(config.nodes), static,
                                    max_pending=config.csr.max_pending_per_requester)
         self.url = server_url(config.api)
-        self.api = APIServer(make_app(self.service, tls_authenticator(self.service), self.url))
+        lim = config.limits
+        self.api = APIListener(make_app(self.service, tls_authenticator(self.service), self.url),
+                               Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout))
         self._signer: asyncio.Task[None] | None = None
         log.info("certificates: approval policy %s, store %s", policy.name, config.csr.store)
 
