@@ -52,7 +52,8 @@ async def test_client_leaving_a_followed_log_is_no_error(cluster: DevCluster,
     gw = await started(load_config(cluster.config_path))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", cluster.proxy_port)
-        writer.write(b"GET /api/v1/nodes/node-1/proxy/containerLogs/default/web-1/nginx?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
+        target = b"/api/v1/nodes/node-1/proxy/containerLogs/default/web-1/nginx?follow=true"
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200")
         await asyncio.wait_for(reader.read(100), 10)
