@@ -248,13 +248,17 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
     return app
 
 
-def api_tls_context(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext:
-    """The API listener's TLS: our server certificate; client certificates optional, verified against the CA."""
+def api_tls_context(cert_file: str, key_file: str, ca: str | bytes) -> ssl.SSLContext:
+    """The API listener's TLS: our server certificate; client certificates optional, verified against the CA
+    (``ca``: a file name, or the CA certificate itself as PEM bytes)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.load_verify_locations(cafile=ca_file)
+    if isinstance(ca, bytes):
+        ctx.load_verify_locations(cadata=ca.decode("ascii"))
+    else:
+        ctx.load_verify_locations(cafile=ca)
     return ctx
 
 

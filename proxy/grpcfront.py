@@ -47,7 +47,7 @@ from proxy.konnectivity_pb2 import (
     DialResponse,
     Packet,
 )
-from proxy.server import prepare_socket_path
+from proxy.unixsock import OwnedSocket, prepare_socket_path
 
 log = logging.getLogger("proxy.grpc")
 audit = logging.getLogger("proxy.audit")
@@ -79,7 +79,7 @@ class KonnectivityFront:
         self.pending_dials = 0
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
-        self._path: Path | None = None
+        self._owned: OwnedSocket | None = None
 
     async def listen_unix(self, path: Path, mode: int) -> None:
         """Serve on a unix socket at ``path`` with file mode ``mode``."""
@@ -105,7 +105,7 @@ class KonnectivityFront:
         finally:
             os.umask(old)
         os.chmod(path, mode)
-        self._server, self._path = server, path
+        self._server, self._owned = server, OwnedSocket.of(path)
         log.info("grpc egress listening on %s", path)
 
     async def close(self, grace: float = 0.0) -> None:
@@ -116,8 +116,8 @@ class KonnectivityFront:
         await self._server.stop(grace)
         if open_streams and self.streams:
             log.warning("grpc egress: %d streams still open after the %g s grace period: cut", self.streams, grace)
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
+        if self._owned is not None:
+            self._owned.remove()  # only the socket file we bound, never another daemon's
         self._server = None
 
     async def _handle(self, requests: AsyncIterator[Packet], context: grpc.aio.ServicerContext[Any, Any]) -> None:

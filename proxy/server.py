@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netnames import peer_cred
+from proxy.accept import accept_forever, tcp_listener, unix_listener
 from proxy.errors import ClientGone, Overcrowded
 from proxy.exchange import Exchange, reason_phrase
 from proxy.failures import answer
+from proxy.unixsock import OwnedSocket, prepare_socket_path
 
 __all__ = ["ClientGone", "Exchange", "Handler", "Limits", "Peer", "Server", "reason_phrase"]
 
@@ -36,8 +38,8 @@ log = logging.getLogger("proxy.server")
 audit = logging.getLogger("proxy.audit")
 
 READ = 256 * 1024
-BACKLOG = 1024
-"""Listen queue: an apiserver opens a connection per dial, in bursts (asyncio's default is 100)."""
+REFUSING = 64
+"""Connections past ``max_connections`` that may be open at once while they are told 503."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,12 @@ class Server:
         self.name = name
         self._handler = handler
         self.limits = limits
-        self._servers: list[asyncio.Server] = []
         self._listeners: list[socket.socket] = []
         self._accepting: set[asyncio.Task[None]] = set()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._socket_paths: list[Path] = []
+        self._socket_paths: list[OwnedSocket] = []
         self.ports: list[int] = []
 
     @property
@@ -86,55 +87,58 @@ class Server:
 
     async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         """Listen on TCP (TLS when ``tls`` is given); returns the bound port."""
-        if tls is None:
-            server = await asyncio.start_server(self._accept, host, port, limit=READ, reuse_address=True,
-                                                backlog=BACKLOG)
-            self._servers.append(server)
-            bound = int(server.sockets[0].getsockname()[1])
-        else:
-            # TLS listeners accept here and hand each socket to connect_accepted_socket, which performs the handshake
-            # and raises if it fails: asyncio's own TLS server drops a failed handshake without a word, and a refused
-            # client certificate belongs in the audit log.
-            listener = await _listening_socket(host, port)
-            bound = int(listener.getsockname()[1])
-            self._listeners.append(listener)
-            self._accepting.add(asyncio.create_task(self._accept_tls(listener, tls), name=f"{self.name}:accept"))
+        listener = await tcp_listener(host, port)
+        bound = int(listener.getsockname()[1])
+        self._listen(listener, tls)
         self.ports.append(bound)
         log.info("%s listening on %s:%d%s", self.name, host, bound, " (TLS)" if tls else "")
         return bound
 
-    async def _accept_tls(self, listener: socket.socket, tls: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # out of descriptors, for instance: keep accepting once it clears
-                log.warning("%s: accept failed: %s", self.name, exc)
-                await asyncio.sleep(0.1)
-                continue
-            if len(self._handshakes) >= self.limits.max_connections:
-                # Handshakes under way are bounded too (slow TLS clients); with no TLS yet there is no 503 to send.
-                log.warning("%s: %d TLS handshakes under way (limits.max_connections); closing a new connection",
-                            self.name, len(self._handshakes))
-                conn.close()
-                continue
-            task = asyncio.create_task(self._handshake(conn, tls))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+    async def listen_unix(self, path: Path, mode: int) -> None:
+        """Listen on a unix socket created with ``mode`` (its permissions are the access control)."""
+        prepare_socket_path(path)
+        listener = unix_listener(path, mode)
+        self._socket_paths.append(OwnedSocket.of(path))
+        self._listen(listener, None)
+        log.info("%s listening on unix:%s (mode %04o)", self.name, path, mode)
 
-    async def _handshake(self, conn: socket.socket, tls: ssl.SSLContext) -> None:
-        """TLS server handshake within ``header_timeout``, then serve; a failed one is audited and dropped."""
+    def _listen(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+        # Every listener runs proxy.accept's loop: a failed accept (out of descriptors) is logged and retried, never
+        # fatal. TLS is handshaken here rather than by asyncio's TLS server, which drops a failed handshake without a
+        # word: a refused client certificate belongs in the audit log.
+        self._listeners.append(listener)
+        admit = functools.partial(self._admit, tls=tls)
+        self._accepting.add(asyncio.create_task(accept_forever(self.name, listener, admit),
+                                                name=f"{self.name}:accept"))
+
+    def _admit(self, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
+        # Connections (TLS handshakes under way included) are bounded. Past max_connections a plain connection is
+        # answered 503 (a few at a time: REFUSING); beyond that, or with no TLS yet to speak, it is closed at once.
+        if len(self._handshakes) >= self.limits.max_connections + (0 if tls else REFUSING):
+            log.warning("%s: %d connections (limits.max_connections); closing a new one", self.name,
+                        len(self._handshakes))
+            conn.close()
+            return
+        task = asyncio.create_task(self._handshake(conn, tls))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, tls: ssl.SSLContext | None) -> None:
+        """TLS server handshake (if any) within ``header_timeout``, then serve; a failed one is audited and dropped."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
             peername = conn.getpeername()
-            peer = f"{peername[0]}:{peername[1]}"
+            peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
         except OSError:
             peer = "unknown"
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=self.limits.header_timeout)
+            if tls is None:
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+            else:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=self.limits.header_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             # A refused certificate is a warning; a peer that hung up or stalled (port scans, TCP health checks) is not.
@@ -147,19 +151,6 @@ class Server:
             raise
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await self._accept(reader, writer)
-
-    async def listen_unix(self, path: Path, mode: int) -> None:
-        """Listen on a unix socket created with ``mode`` (its permissions are the access control)."""
-        prepare_socket_path(path)
-        old = os.umask(0o777)  # no window in which the socket exists with looser permissions
-        try:
-            server = await asyncio.start_unix_server(self._accept, str(path), limit=READ, backlog=BACKLOG)
-        finally:
-            os.umask(old)
-        os.chmod(path, mode)
-        self._servers.append(server)
-        self._socket_paths.append(path)
-        log.info("%s listening on unix:%s (mode %04o)", self.name, path, mode)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # asyncio runs this as a task per connection; track it so shutdown can drain or cancel it.
@@ -192,15 +183,16 @@ class Server:
                 await writer.wait_closed()
 
     async def stop_accepting(self) -> None:
-        for server in self._servers:
-            server.close()
         for task in self._accepting:
             task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)  # off the loop's selector before the close
+        self._accepting.clear()
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
-        for path in self._socket_paths:
-            path.unlink(missing_ok=True)
+        for owned in self._socket_paths:
+            owned.remove()
+        self._socket_paths.clear()
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; let open connections finish for up to ``grace`` seconds, then cut them."""
@@ -212,35 +204,10 @@ class Server:
                         len(self._writers), grace, extra={"connections": len(self._writers)})
         for writer in list(self._writers):
             writer.transport.abort()
-        for task in [*self._tasks, *self._handshakes, *self._accepting]:
+        for task in [*self._tasks, *self._handshakes]:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=1.0)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
-        self._servers.clear()
-
-
-async def _listening_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking TCP socket listening on ``host:port`` (first address ``host`` resolves to)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)
-    if not infos:
-        raise OSError(f"cannot resolve {host!r}")
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _peer(writer: asyncio.StreamWriter) -> Peer:
@@ -258,20 +225,3 @@ def _peer(writer: asyncio.StreamWriter) -> Peer:
         return Peer(f"{addr[0]}:{addr[1]}", identity)
     cred = peer_cred(writer.get_extra_info("socket"))
     return Peer("unix", f"uid={cred.uid},pid={cred.pid}" if cred is not None else None)
-
-
-def prepare_socket_path(path: Path) -> None:
-    """Make room for a unix socket: remove a stale one, refuse to take a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.is_socket():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: left over from a crashed run
-        else:
-            raise OSError(f"{path} is in use by a running process")
-        finally:
-            probe.close()
-    elif path.exists():
-        raise OSError(f"{path} exists and is not a socket")

@@ -84,15 +84,19 @@ async def acli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
 class Daemon:
     """``tunneld serve`` in a subprocess; stopped with SIGTERM (by PID)."""
 
-    def __init__(self, cfg: DaemonConfig) -> None:
+    def __init__(self, cfg: DaemonConfig, loop: str = "asyncio", nofile: int | None = None) -> None:
         self.cfg = cfg
+        self.loop = loop
+        self.nofile = nofile
+        """A soft RLIMIT_NOFILE for the daemon (run under prlimit), to exhaust its descriptors on purpose."""
         self.proc: asyncio.subprocess.Process | None = None
         self.log = b""
 
     async def start(self, timeout: float = 30) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TUNNELD_LOOP="asyncio")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TUNNELD_LOOP=self.loop)
+        limit = ["prlimit", f"--nofile={self.nofile}:"] if self.nofile else []
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tunneld", "serve", "--config", str(self.cfg.path), "--grace", "1",
+            *limit, sys.executable, "-m", "tunneld", "serve", "--config", str(self.cfg.path), "--grace", "1",
             stderr=asyncio.subprocess.PIPE, env=env,
         )
         self._reader = asyncio.create_task(self._read())

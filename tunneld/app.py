@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +28,7 @@ from tunneld.ops.lifecycle import ReloadLog
 from tunneld.ops.metrics import InstrumentedDialer, Metrics
 from tunneld.ops.readiness import HealthChecks, TunnelSync
 from tunneld.ops.status import StatusServer, make_app
-from tunneld.tlsfiles import TLSFiles
+from tunneld.tlsfiles import TLSFiles, egress_listener, kubelet_client, proxy_listener, proxy_targets
 from tunneld.tunnels.dialer import TunnelDialer
 from tunneld.tunnels.inventory import InventoryDiff
 from tunneld.tunnels.k8s_nodes import merge_nodes
@@ -70,8 +71,9 @@ def directory_entries(config: Config) -> tuple[list[NodeInfo], list[ServiceInfo]
     return nodes, services
 
 
-def _str(path: object) -> str | None:
-    return None if path is None else str(path)
+def _sans_tls(config: Config) -> tuple[object, object]:
+    """The listener settings that need a restart (TLS file paths and contents apply on reload)."""
+    return replace(config.egress, tls=None), replace(config.proxy, tls=None)
 
 
 class Gateway:
@@ -90,15 +92,13 @@ class Gateway:
         self.sync = TunnelSync(self.pool, config.health.sync_max_age)
         self.health = HealthChecks(self.sync)
         self.directory = Directory(*directory_entries(config))
-        k = config.kubelet
-        self.tls = TLSFiles()
-        """Every TLS context built from files; SIGHUP re-reads them in place."""
-        self.kubelet_tls = self.tls.client("kubelet client", _str(k.certificate_authority),
-                                           _str(k.client_certificate), _str(k.client_key))
+        self.tls = TLSFiles(config)
+        """Every TLS context built from files; SIGHUP builds each one afresh."""
         self.connect_front = ConnectFront(self.dialer)
         self.api_front = APIProxyFront(
-            self.dialer, self.directory, kubelet_tls=self.kubelet_tls,
-            target_tls=self.tls.client("proxy targets", _str(config.proxy.target_certificate_authority)),
+            self.dialer, self.directory,
+            kubelet_tls=self.tls.client("kubelet client", kubelet_client, self._set_kubelet_tls),
+            target_tls=self.tls.client("proxy targets", proxy_targets, self._set_target_tls),
             pods_refresh=config.proxy.pods_refresh,
         )
         lim = config.limits
@@ -118,6 +118,12 @@ class Gateway:
         self._kube_nodes: list[Node] = []
         self._merge_notes: set[str] = set()
         self.reloads = ReloadLog()
+
+    def _set_kubelet_tls(self, ctx: ssl.SSLContext) -> None:
+        self.api_front.kubelet_tls = ctx
+
+    def _set_target_tls(self, ctx: ssl.SSLContext) -> None:
+        self.api_front.target_tls = ctx
 
     def csr_counts(self) -> dict[str, int]:
         """Certificate signing requests by state (empty without ``[api]``), refreshed by the signer loop."""
@@ -153,17 +159,17 @@ class Gateway:
             await self.egress.listen_unix(e.socket, e.socket_mode)
         if e.listen is not None:
             host, port = split_host_port(e.listen)
-            await self.egress.listen_tcp(host, port, self.tls.server("egress listener", e.tls))
+            await self.egress.listen_tcp(host, port, self.tls.server("egress listener", egress_listener))
         if e.grpc_socket is not None:
             await self.grpc_front.listen_unix(e.grpc_socket, e.socket_mode)
         if p.listen is not None:
             host, port = split_host_port(p.listen)
             if not is_loopback(host) and (p.tls is None or p.tls.client_ca is None):  # as load_config demands
                 raise RuntimeError("refusing to serve proxy URLs on a non-loopback address without mutual TLS")
-            await self.proxy.listen_tcp(host, port, self.tls.server("proxy listener", p.tls))
+            await self.proxy.listen_tcp(host, port, self.tls.server("proxy listener", proxy_listener))
         await self.status.start()
         if self.certs is not None:
-            await self.certs.start()
+            await self.certs.start(self.tls)
         self.pool.apply(self.config.nodes)
         if self.config.inventory_source == "kubernetes" and self.config.kubernetes is not None:
             kube = KubeInventory.from_settings(self.config.kubernetes, self._on_kube_nodes, **self.kube_options)
@@ -195,8 +201,8 @@ class Gateway:
         if self.config.path is None:
             raise RuntimeError("configuration was not loaded from a file")
         new = load_checked(self.config.path)
-        if (new.egress, new.proxy, new.status, new.limits) != (self.config.egress, self.config.proxy,
-                                                               self.config.status, self.config.limits):
+        if (_sans_tls(new), new.status, new.limits) != (_sans_tls(self.config), self.config.status,
+                                                          self.config.limits):
             log.warning("listener and limit settings take effect on restart, not on reload")
         if (new.inventory_source, new.kubernetes) != (self.config.inventory_source, self.config.kubernetes):
             log.warning("[inventory] source settings take effect on restart, not on reload")
@@ -211,7 +217,7 @@ class Gateway:
         retried = self.pool.retry_parked()  # changed or not: a reload is how an operator says "try again"
         if retried:
             log.info("retrying tunnels that gave up or were refused: %s", ", ".join(retried))
-        self.tls.reload()
+        self.tls.reload(new)
         if self.certs is not None:
             self.certs.reload(self.config)
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from certs.api import APIServer, api_tls_context, local_authenticator, make_app, tls_authenticator
+from certs.api import api_tls_context, local_authenticator, make_app, tls_authenticator
 from certs.approval import make_policy
 from certs.ca import CertificateAuthority, cert_pem, key_pem
 from certs.etcd_store import EtcdStore, client_tls
@@ -31,8 +31,11 @@ from certs.sqlite_store import SQLiteStore
 from certs.store import Store
 from certs.tokens import StaticToken, load_token_file
 from netnames import split_host_port
+from proxy.server import Limits
+from tunneld.apilistener import APIListener
 from tunneld.config import APISettings, Config, CSRSettings, Node
 from tunneld.ops.logs import add_secret
+from tunneld.tlsfiles import TLSFiles
 
 log = logging.getLogger("tunneld.certs")
 
@@ -94,7 +97,9 @@ class CertsDaemon:
         self.service = CertService(self.store, self.ca, policy, node_inventory(config.nodes), static,
                                    max_pending=config.csr.max_pending_per_requester)
         self.url = server_url(config.api)
-        self.api = APIServer(make_app(self.service, tls_authenticator(self.service), self.url))
+        lim = config.limits
+        self.api = APIListener(make_app(self.service, tls_authenticator(self.service), self.url),
+                               Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout))
         self._signer: asyncio.Task[None] | None = None
         log.info("certificates: approval policy %s, store %s", policy.name, config.csr.store)
 
@@ -114,12 +119,18 @@ class CertsDaemon:
             except ValueError as exc:
                 log.error("token file not reloaded: %s", exc)
 
-    def _tls(self) -> ssl.SSLContext:
-        ca_file = str(self.ca_settings.cert)
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            return api_tls_context(str(self.settings.tls_cert), str(self.settings.tls_key), ca_file)
-        host, _ = split_host_port(self.settings.listen)
-        names = [*self.settings.server_names, "localhost", socket.gethostname()]
+    def tls_context(self, config: Config) -> ssl.SSLContext | None:
+        """The API listener's context, built afresh (the ``tls_context`` role of :class:`~tunneld.tlsfiles.TLSFiles`):
+        ``[api] tls_cert``/``tls_key`` as the files are now, else a server certificate just issued by the CA.
+        Client certificates are verified against the CA this daemon signs with (loaded at start: ``[ca]`` changes
+        take effect on restart), never against what the CA file may hold since."""
+        api = config.api
+        if api is None:
+            return None
+        if api.tls_cert is not None and api.tls_key is not None:
+            return api_tls_context(str(api.tls_cert), str(api.tls_key), self.ca.pem)
+        host, _ = split_host_port(api.listen)
+        names = [*api.server_names, "localhost", socket.gethostname()]
         if not _wildcard(host):
             names.insert(0, host)
         cert, key = self.ca.issue_server(names)
@@ -128,14 +139,14 @@ class CertsDaemon:
         try:
             write_secret(tmp / "tls.crt", cert_pem(cert))
             write_secret(tmp / "tls.key", key_pem(key))
-            return api_tls_context(str(tmp / "tls.crt"), str(tmp / "tls.key"), ca_file)
+            return api_tls_context(str(tmp / "tls.crt"), str(tmp / "tls.key"), self.ca.pem)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def start(self) -> None:
-        """Bind the API listener and start the signer loop."""
+    async def start(self, tls: TLSFiles) -> None:
+        """Bind the API listener (its TLS a role of ``tls``, rebuilt on reload) and start the signer loop."""
         host, port = split_host_port(self.settings.listen)
-        await self.api.start(host, port, self._tls())
+        await self.api.start(host, port, tls.server("certificates API", self.tls_context))
         self._signer = asyncio.create_task(self.service.run_signer(), name="csr-signer")
         log.info("certificates API at %s (CA pin %s)", self.url, self.ca.pin)
 

@@ -1,9 +1,16 @@
-"""TLS contexts built from files, re-read in place on SIGHUP (certificate rotation without a restart).
+"""TLS contexts built from files, rebuilt from scratch on SIGHUP (certificate and trust rotation without a restart).
 
-A listening server keeps the :class:`ssl.SSLContext` it was given, so rotation loads the new certificate and key
-into that same context: every handshake from then on uses them, connections already open keep theirs. The files are
-first loaded into a fresh context, so a broken or mismatched pair is refused and the old one stays in use. CA files
-are loaded again too; a CA *removed* from a file stays trusted until restart (OpenSSL stores only grow).
+Every TLS role (a listener, or a client such as the kubelet client) is a *role*: a function that builds a complete
+context from a :class:`~tunneld.config.Config`. Reload builds a fresh context for each role from the new config —
+its file paths as they are now, their contents as they are now — so a CA removed from a file, or a
+``certificate_authority`` pointed at another file, is no longer trusted afterwards (OpenSSL's stores only grow, so
+loading into the old context would keep the old CA). A role whose new files do not build (missing, unparsable, a key
+that does not match its certificate) keeps its current context and reports why.
+
+Clients take the new context through a callback (the proxy front reads its context per request). A listener keeps
+the :class:`ssl.SSLContext` it was started with (asyncio and aiohttp hold it), so that context is only a front door:
+its SNI callback, which OpenSSL runs for every ClientHello (with or without a server name), moves the connection to
+the role's current context before any certificate is chosen or verified. Connections already open keep theirs.
 """
 
 from __future__ import annotations
@@ -14,55 +21,107 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.tls import client_context, server_context
-from tunneld.config import TLSServerSettings
+from tunneld.config import Config, TLSServerSettings
 
 log = logging.getLogger("tunneld.tls")
 
+Build = Callable[[Config], ssl.SSLContext | None]
+"""Builds a role's context from a config (None: the role has no TLS in that config)."""
+
 
 @dataclass
-class _Entry:
+class _Role:
     what: str
-    context: ssl.SSLContext
-    build: Callable[[], ssl.SSLContext]
-    cert: str | None
-    key: str | None
-    ca: str | None
+    build: Build
+    current: ssl.SSLContext
+    apply: Callable[[ssl.SSLContext], None] | None = None  # clients: hand the new context over
+    front: ssl.SSLContext | None = None  # listeners: the context the listener holds
+
+
+def _str(path: object) -> str | None:
+    return None if path is None else str(path)
+
+
+def _server(tls: TLSServerSettings | None) -> ssl.SSLContext | None:
+    return None if tls is None else server_context(str(tls.cert), str(tls.key), _str(tls.client_ca))
+
+
+def egress_listener(config: Config) -> ssl.SSLContext | None:
+    """The egress TCP listener's context (``[egress] tls_cert``/``tls_key``/``client_ca``)."""
+    return _server(config.egress.tls)
+
+
+def proxy_listener(config: Config) -> ssl.SSLContext | None:
+    """The proxy TCP listener's context (``[proxy] tls_cert``/``tls_key``/``client_ca``)."""
+    return _server(config.proxy.tls)
+
+
+def kubelet_client(config: Config) -> ssl.SSLContext:
+    """The kubelet client's context (``[kubelet]``)."""
+    k = config.kubelet
+    return client_context(_str(k.certificate_authority), _str(k.client_certificate), _str(k.client_key))
+
+
+def proxy_targets(config: Config) -> ssl.SSLContext:
+    """The context for https: pod and service targets (``[proxy] target_certificate_authority``)."""
+    return client_context(_str(config.proxy.target_certificate_authority))
 
 
 class TLSFiles:
-    """Builds contexts from certificate files and remembers them for :meth:`reload`."""
+    """Builds each TLS role's context from a config and rebuilds them all on :meth:`reload`."""
 
-    def __init__(self) -> None:
-        self._entries: list[_Entry] = []
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._roles: list[_Role] = []
 
-    def server(self, what: str, tls: TLSServerSettings | None) -> ssl.SSLContext | None:
-        """A listener's context (see :func:`proxy.tls.server_context`), or None without TLS settings."""
-        if tls is None:
+    def server(self, what: str, build: Build) -> ssl.SSLContext | None:
+        """A listener's context (None when the config has no TLS for it); reload swaps what it serves."""
+        ctx = build(self._config)
+        if ctx is None:
             return None
-        cert, key, ca = str(tls.cert), str(tls.key), str(tls.client_ca) if tls.client_ca else None
-        ctx = server_context(cert, key, ca)
-        self._entries.append(_Entry(what, ctx, lambda: server_context(cert, key, ca), cert, key, ca))
+        role = _Role(what, build, ctx, front=ctx)
+
+        def switch(obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, current: ssl.SSLContext) -> None:
+            if role.current is not current:
+                obj.context = role.current
+        ctx.sni_callback = switch
+        self._roles.append(role)
         return ctx
 
-    def client(self, what: str, ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
-        """A client context (see :func:`proxy.tls.client_context`)."""
-        ctx = client_context(ca, cert, key)
-        self._entries.append(_Entry(what, ctx, lambda: client_context(ca, cert, key), cert, key, ca))
+    def client(self, what: str, build: Callable[[Config], ssl.SSLContext],
+               apply: Callable[[ssl.SSLContext], None]) -> ssl.SSLContext:
+        """A client's context; reload passes each new one to ``apply``."""
+        ctx = build(self._config)
+        self._roles.append(_Role(what, build, ctx, apply=apply))
         return ctx
 
-    def reload(self) -> list[str]:
-        """Re-read every file; returns one message per context that could not be reloaded (it keeps the old ones)."""
+    def reload(self, config: Config | None = None) -> list[str]:
+        """Build every role afresh from ``config`` (default: the current one, files re-read); returns one message
+        per role that keeps its current context."""
+        if config is not None:
+            self._config = config
         problems = []
-        for e in self._entries:
-            try:
-                e.build()  # all files valid and the key matches the certificate?
-                if e.cert and e.key:
-                    e.context.load_cert_chain(e.cert, e.key)
-                if e.ca:
-                    e.context.load_verify_locations(cafile=e.ca)
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(f"{e.what}: certificates not reloaded, keeping the current ones: {exc}")
-                log.error("%s: certificates not reloaded, keeping the current ones: %s", e.what, exc)
+        for role in self._roles:
+            problem = self._rebuild(role)
+            if problem is not None:
+                problems.append(f"{role.what}: {problem}")
+                log.error("%s: %s", role.what, problem)
             else:
-                log.info("%s: certificates reloaded", e.what, extra={"cert": e.cert})
+                log.info("%s: certificates reloaded", role.what)
         return problems
+
+    def _rebuild(self, role: _Role) -> str | None:
+        try:
+            ctx = role.build(self._config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            return f"certificates not reloaded, keeping the current ones: {exc}"
+        if ctx is None:
+            return "TLS was turned off for this listener: that takes effect on restart; keeping the current ones"
+        if role.front is not None and ctx.verify_mode != role.front.verify_mode:
+            # A connection's verify mode comes from the listener's own context; only certificates and stores move.
+            return ("client certificate verification was turned on or off: that takes effect on restart; "
+                    "keeping the current certificates")
+        role.current = ctx
+        if role.apply is not None:
+            role.apply(ctx)
+        return None

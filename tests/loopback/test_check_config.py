@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tunneld.dev.pki import DevCA
+
 BASE = """\
 [ssh]
 user = "tunneld"
@@ -39,11 +41,29 @@ CASES = [
      "nodes[0] (node-1).address: '192.0.2.256' is neither an IP address nor a host name"),
     ("bad-cidr", BASE.replace("10.244.1.0/24", "10.244.1.1/24"),
      "nodes[0] (node-1).pod_cidr: '10.244.1.1/24': 10.244.1.1/24 has host bits set"),
-    ("duplicate-node", BASE + NODE2.replace("node-2", "node-1"), "nodes: node name 'node-1' appears more than once"),
+    ("duplicate-node", BASE + NODE2.replace("node-2", "node-1"),
+     "nodes[1] (node-1).name: 'node-1' is already the name of nodes[0] (node-1)"),
     ("duplicate-address", BASE + NODE2.replace("192.0.2.12", "192.0.2.11"),
-     "nodes: address 192.0.2.11 is used by both 'node-1' and 'node-2'"),
+     "nodes[1] (node-2).address: 192.0.2.11 is already the address of nodes[0] (node-1)"),
     ("out-of-range", BASE.replace('pod_cidr', 'ssh_port = 70000\npod_cidr'),
-     "nodes[0] (node-1).ssh_port: must be between 1 and 65535"),
+     "nodes[0] (node-1).ssh_port: 70000 is not between 1 and 65535"),
+    ("same-pod-cidr", BASE + NODE2 + 'pod_cidr = "10.244.1.0/24"\n',
+     "node 'node-2': pod_cidr 10.244.1.0/24 is the same as node 'node-1''s 10.244.1.0/24"),
+    ("overlapping-pod-cidr", BASE + NODE2 + 'pod_cidr = "10.244.0.0/16"\n',
+     "node 'node-1': pod_cidr 10.244.1.0/24 overlaps node 'node-2''s 10.244.0.0/16"),
+    ("socket-twice", BASE.replace('socket = ""', 'socket = "/run/x.sock"') + '\n[egress]\nsocket = "/run/x.sock"\n',
+     "egress.socket: /run/x.sock is also status.socket: each listener needs its own"),
+    ("key-does-not-parse", BASE, "ssh.private_key: {dir}/id_ed25519: does not parse: Invalid private key",
+     "id_ed25519", "not a key\n"),
+    ("known-hosts-does-not-parse", BASE,
+     "ssh.known_hosts: {dir}/known_hosts: line 2: not a public key: Invalid public key",
+     "known_hosts", "# the cluster's SSH CA\n@cert-authority * ssh-ed25519 AAAA\n"),
+    ("cert-not-for-key",
+     BASE.replace("[status]", '[kubelet]\nclient_certificate = "a.crt"\nclient_key = "b.key"\n\n[status]'),
+     "kubelet.client_key: {dir}/b.key: does not load with kubelet.client_certificate {dir}/a.crt: "
+     "the key does not belong to the certificate"),
+    ("ca-does-not-parse", BASE.replace("[status]", '[kubelet]\ncertificate_authority = "id_ed25519.pub"\n\n[status]'),
+     "kubelet.certificate_authority: {dir}/id_ed25519.pub: not a PEM CA certificate: no certificate or crl found"),
     ("missing-key-file", BASE.replace('"id_ed25519"', '"gone_ed25519"'), "ssh.private_key: {dir}/gone_ed25519: "
                                                                         "file not found"),
     ("bad-log-format", BASE + '\n[log]\nformat = "xml"\n', "log.format: must be logfmt or json"),
@@ -56,8 +76,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def confdir(short_dir: Path) -> Path:
-    (short_dir / "id_ed25519").write_text("not checked here: only that the file is there\n")
-    (short_dir / "known_hosts").write_text("@cert-authority * ssh-ed25519 AAAA\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(short_dir / "id_ed25519")], check=True)
+    ca = (short_dir / "id_ed25519.pub").read_text().split()
+    (short_dir / "known_hosts").write_text(f"@cert-authority * {ca[0]} {ca[1]}\n")
+    one, two = DevCA("one"), DevCA("two")
+    one.issue_client("a").write(short_dir / "a.crt", short_dir / "a.key")
+    two.issue_client("b").write(short_dir / "b.crt", short_dir / "b.key")
     return short_dir
 
 
@@ -74,8 +98,11 @@ def test_good_file_passes(confdir: Path) -> None:
     assert proc.stdout.strip() == f"{cfg}: ok (2 static nodes; the others come from the Kubernetes API at run time)"
 
 
-@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_mistake_is_reported_by_check_config_and_serve(confdir: Path, text: str, expected: str) -> None:
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_mistake_is_reported_by_check_config_and_serve(confdir: Path, case: tuple[str, ...]) -> None:
+    _name, text, expected, *file = case
+    if file:  # (file name, what it holds instead)
+        (confdir / file[0]).write_text(file[1])
     cfg = confdir / "tunneld.toml"
     cfg.write_text(text)
     line = f"error: {cfg}: {expected.format(dir=confdir)}"
@@ -99,7 +126,13 @@ def test_every_mistake_at_once_and_in_the_inventory_file(confdir: Path) -> None:
     assert f"error: {cfg}: ssh.user: expected a string, got int 1" in errors
     assert f"error: {inv}: nodes[0] (Node_3).kubelet_prot: unknown key" in errors
     assert any(e.startswith(f"error: {inv}: nodes[0] (Node_3).name: 'Node_3' is not a valid node name") for e in errors)
-    # File checks need a config that parses; they are reported once it does.
+    # A missing inventory file hides none of the other mistakes, file checks included.
+    cfg.write_text(BASE.replace('"id_ed25519"', '"gone"').replace("user =", "user = 1 #")
+                   + '\n[inventory]\nfile = "missing.toml"\n')
+    errors = run("check-config", str(cfg)).stderr.splitlines()
+    assert f"error: {cfg}: ssh.user: expected a string, got int 1" in errors
+    assert any(e.startswith(f"error: {confdir / 'missing.toml'}: ") for e in errors), errors
+    assert f"error: {cfg}: ssh.private_key: {confdir}/gone: file not found" in errors
     cfg.write_text(BASE.replace('"id_ed25519"', '"gone"').replace('"known_hosts"', '"nope"'))
     errors = run("check-config", str(cfg)).stderr.splitlines()
     assert errors == [f"error: {cfg}: ssh.private_key: {confdir}/gone: file not found",

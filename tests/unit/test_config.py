@@ -77,12 +77,12 @@ pod_cidr = "10.244.1.1/24"
     joined = "\n".join(found)
     for expected in (
         "ssh.keepalive_interval: expected a number, got str 'soon'",
-        "ssh.backoff_jitter: must be between 0 and 1",
+        "ssh.backoff_jitter: 2 is not between 0 and 1",
         "ssh.colour: unknown key",
         "ssh.private_key: required",
         "ssh.known_hosts: required",
         "'Node_1' is not a valid node name",
-        "ssh_port: must be between 1 and 65535",
+        "nodes[0] (Node_1).ssh_port: 70000 is not between 1 and 65535",
         "nodes[1] (node-2).address: required",
         "nodes[1] (node-2).pod_cidr: '10.244.1.1/24'",
     ):
@@ -92,8 +92,8 @@ pod_cidr = "10.244.1.1/24"
 def test_duplicates(tmp_path: Path) -> None:
     text = GOOD + '\n[[nodes]]\nname = "node-1"\naddress = "192.0.2.10"\n'
     joined = "\n".join(problems(tmp_path, text))
-    assert "node name 'node-1' appears more than once" in joined
-    assert "address 192.0.2.10 is used by both 'node-1' and 'node-1'" in joined
+    assert "nodes[2] (node-1).name: 'node-1' is already the name of nodes[0] (node-1)" in joined
+    assert "nodes[2] (node-1).address: 192.0.2.10 is already the address of nodes[0] (node-1)" in joined
 
 
 def test_syntax_error_names_line(tmp_path: Path) -> None:
@@ -121,3 +121,27 @@ def test_node_in_both_files(tmp_path: Path) -> None:
     write(tmp_path, '[[nodes]]\nname = "node-1"\naddress = "192.0.2.99"\n', "nodes.toml")
     found = problems(tmp_path, GOOD + '\n[inventory]\nfile = "nodes.toml"\n')
     assert any("node 'node-1' is also defined in" in p for p in found)
+
+
+def test_overlapping_pod_cidrs_found_in_one_sorted_pass() -> None:
+    import ipaddress
+    import time
+
+    from tunneld.config.nodes import overlapping_pod_cidrs
+    from tunneld.config.schema import Node
+
+    def node(name: str, cidr: str | None) -> Node:
+        return Node(name=name, address=f"192.0.2.{len(name)}",
+                    pod_cidr=ipaddress.ip_network(cidr) if cidr else None)
+
+    many = [node(f"n{i}", f"10.{i // 256}.{i % 256}.0/24") for i in range(5000)]
+    started = time.monotonic()
+    assert overlapping_pod_cidrs([*many, node("v6", "fd00::/64"), node("none", None)]) == []
+    assert time.monotonic() - started < 1.0
+    found = overlapping_pod_cidrs([node("a", "10.0.0.0/16"), node("b", "10.0.5.0/24"), node("c", "10.0.9.0/24"),
+                                   node("d", "10.1.0.0/24"), node("e", "10.1.0.0/24"), node("f", "fd00::/48"),
+                                   node("g", "fd00:0:0:1::/64"), node("h", "10.2.0.0/24")])
+    assert found == ["node 'b': pod_cidr 10.0.5.0/24 overlaps node 'a''s 10.0.0.0/16",
+                     "node 'c': pod_cidr 10.0.9.0/24 overlaps node 'a''s 10.0.0.0/16",
+                     "node 'e': pod_cidr 10.1.0.0/24 is the same as node 'd''s 10.1.0.0/24",
+                     "node 'g': pod_cidr fd00:0:0:1::/64 overlaps node 'f''s fd00::/48"]

@@ -62,23 +62,63 @@ def ca_init(config_path: str | None, cert_path: Path | None, key_path: Path | No
             ssh_dir = cfg.ca.ssh_key.parent
     if cert_path is None or key_path is None:
         raise click.UsageError("give --cert and --key, or --config with a [ca] section")
-    authority = CertificateAuthority.create(common_name, key_type, dt.timedelta(days=days))
-    try:
-        authority.save(cert_path, key_path, force=force)
-    except FileExistsError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"CA certificate: {cert_path}")
+    exists = Path(cert_path).exists() and Path(key_path).exists() and not force
+    if exists:  # running init again is harmless: it shows the CA that is there (and its pin) and changes nothing
+        authority = _load_ca(cert_path, key_path)
+        click.echo(f"CA exists, kept (--force replaces it). Certificate: {cert_path}")
+    else:
+        authority = CertificateAuthority.create(common_name, key_type, dt.timedelta(days=days))
+        try:
+            authority.save(cert_path, key_path, force=force)
+        except FileExistsError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"CA certificate: {cert_path}")
     click.echo(f"CA key:         {key_path} (0600)")
     click.echo(f"CA pin:         {authority.pin}")
     if ssh:
-        from certs.sshca import SSHCA, SSHCAError
+        from certs.sshca import PRIVATE_NAME, SSHCA, SSHCAError
 
+        directory = ssh_dir or Path(cert_path).parent
         try:
-            sshca = SSHCA.create(ssh_dir or Path(cert_path).parent, force=force)
+            if (directory / PRIVATE_NAME).exists() and not force:
+                sshca = SSHCA.load(directory / PRIVATE_NAME)
+            else:
+                sshca = SSHCA.create(directory, force=force)
         except SSHCAError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"SSH CA key:     {sshca.path} (0600)")
         click.echo(f"known_hosts:    {sshca.known_hosts_line()}")
+
+
+def _load_ca(cert_path: Path, key_path: Path) -> Any:
+    from certs.ca import CAError, CertificateAuthority
+
+    try:
+        return CertificateAuthority.load(Path(cert_path), Path(key_path))
+    except CAError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@ca.command("pin")
+@config_option
+@click.option("--cert", "cert_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="CA certificate file (default: the config's [ca] cert).")
+def ca_pin(config_path: str, cert_path: Path | None) -> None:
+    """Print the CA's SPKI pin (sha256:...), what nodes pass to discovery."""
+    from cryptography import x509
+
+    from certs.ca import spki_pin
+
+    if cert_path is None:
+        cfg = load_or_exit(config_path, files=False)
+        if cfg.ca is None:
+            raise click.ClickException(f"{config_path}: [ca] cert and key are not set")
+        cert_path = cfg.ca.cert
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{cert_path}: cannot load the CA certificate: {exc}") from exc
+    click.echo(spki_pin(cert))
 
 
 # -- token ----------------------------------------------------------------------------------------------------
@@ -123,6 +163,9 @@ def token_create(config_path: str, ttl: str, groups: str, usages: str, descripti
     from certs.tokens import TokenError, new_bootstrap_token, parse_duration
 
     cfg = load_or_exit(config_path, files=False)
+    if node is not None and cfg.inventory_source == "file" and node not in {n.name for n in cfg.nodes}:
+        click.echo(f"warning: node {node!r} is not in the inventory of {cfg.path}; the token can only get a "
+                   "certificate once a node of that name is", err=True)
     try:
         tok = new_bootstrap_token(parse_duration(ttl), _split(usages), _split(groups), description, node)
     except (TokenError, ValueError) as exc:

@@ -75,7 +75,13 @@ def dev(nodes: int, ssh_port: int, base_address: str, workdir: Path | None, chec
     from tunneld.ops import lifecycle, logs
 
     logs.setup(log_level)
-    code = lifecycle.run(cluster.run(nodes, ssh_port, base_address, workdir, check, proxy_port))
+    try:
+        code = lifecycle.run(cluster.run(nodes, ssh_port, base_address, workdir, check, proxy_port))
+    except cluster.DevStartError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        sys.exit(130)
     sys.exit(code)
 
 

@@ -40,13 +40,14 @@ def check_files(config: Config) -> list[str]:
     for key, path in named:
         if path is None:
             continue
-        why = _unusable(path)
+        why = unusable(path)
         if why:
             problems.append(f"{config.path}: {key}: {path}: {why}")
     return problems
 
 
-def _unusable(path: Path) -> str | None:
+def unusable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or None."""
     try:
         if path.is_dir():
             return "is a directory, not a file"

@@ -13,9 +13,10 @@ import dataclasses
 from pathlib import Path
 
 from tunneld.config.certauth import certs_sections
+from tunneld.config.contents import check_contents
 from tunneld.config.files import check_files
 from tunneld.config.fronts import listener_sections, services_section
-from tunneld.config.nodes import load_inventory_nodes, parse_nodes
+from tunneld.config.nodes import load_inventory_nodes, overlapping_pod_cidrs, parse_nodes
 from tunneld.config.reader import Section, read_toml
 from tunneld.config.schema import Config, Node
 from tunneld.config.sections import (
@@ -34,7 +35,14 @@ from tunneld.errors import ConfigError
 
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file (and the inventory file it names). Raises :class:`ConfigError`."""
-    path = Path(path).resolve()
+    config, found = _load(Path(path).resolve())
+    if found:
+        raise ConfigError(found)
+    return config
+
+
+def _load(path: Path) -> tuple[Config, list[str]]:
+    """The config as far as it could be read, and every problem found (a TOML syntax error raises)."""
     data = read_toml(path)
     problems: list[str] = []
     base = path.parent
@@ -62,9 +70,28 @@ def load_config(path: str | Path) -> Config:
     top.unknown()
     found = [f"{path}: {p}" for p in problems]
     nodes += _inventory_file_nodes(path, inventory_file, nodes, found)
-    if found:
-        raise ConfigError(found)
-    return dataclasses.replace(config, nodes=tuple(nodes))
+    found += [f"{path}: {p}" for p in overlapping_pod_cidrs(nodes) + _shared_listeners(config)]
+    return dataclasses.replace(config, nodes=tuple(nodes)), found
+
+
+def _shared_listeners(config: Config) -> list[str]:
+    """A unix socket path or TCP address two listeners are configured on (the second could never bind)."""
+    listeners: list[tuple[str, str | None]] = [
+        ("status.socket", str(config.status.socket) if config.status.socket else None),
+        ("egress.socket", str(config.egress.socket) if config.egress.socket else None),
+        ("status.listen", config.status.listen), ("egress.listen", config.egress.listen),
+        ("proxy.listen", config.proxy.listen), ("api.listen", config.api.listen if config.api else None),
+    ]
+    seen: dict[str, str] = {}
+    problems = []
+    for key, value in listeners:
+        if not value or value.endswith(":0"):  # port 0: any free port, never the same one
+            continue
+        if value in seen:
+            problems.append(f"{key}: {value} is also {seen[value]}: each listener needs its own")
+        else:
+            seen[value] = key
+    return problems
 
 
 def _inventory_file_nodes(path: Path, inventory_file: Path | None, nodes: list[Node], found: list[str]) -> list[Node]:
@@ -85,8 +112,9 @@ def _inventory_file_nodes(path: Path, inventory_file: Path | None, nodes: list[N
 def load_checked(path: str | Path) -> Config:
     """:func:`load_config` plus :func:`~tunneld.config.files.check_files`: what ``check-config``, ``serve`` and
     reload accept."""
-    config = load_config(path)
-    problems = check_files(config)
+    config, problems = _load(Path(path).resolve())
+    problems += check_files(config)  # reported even when the config has other mistakes (a missing inventory file)
+    problems += check_contents(config)
     if problems:
         raise ConfigError(problems)
     return config

@@ -17,6 +17,7 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
         problems.append(f"{where}: expected an array of tables ([[nodes]])")
         return []
     nodes: list[Node] = []
+    node_labels: list[str] = []
     for i, entry in enumerate(raw):
         label = f"{where}[{i}]"
         if not isinstance(entry, dict):
@@ -57,20 +58,44 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
         )
         sec.unknown()
         nodes.append(node)
-    seen_names: dict[str, int] = {}
+        node_labels.append(label)
+    seen_names: dict[str, str] = {}
     seen_addrs: dict[str, str] = {}
-    for node in nodes:
+    for node, label in zip(nodes, node_labels, strict=True):
         if not node.name or not node.address:
             continue
         if node.name in seen_names:
-            problems.append(f"{where}: node name {node.name!r} appears more than once")
-        seen_names[node.name] = 1
+            problems.append(f"{label}.name: {node.name!r} is already the name of {seen_names[node.name]}")
+        else:
+            seen_names[node.name] = label
         if node.address in seen_addrs:
-            problems.append(
-                f"{where}: address {node.address} is used by both {seen_addrs[node.address]!r} and {node.name!r}"
-            )
-        seen_addrs[node.address] = node.name
+            problems.append(f"{label}.address: {node.address} is already the address of {seen_addrs[node.address]}")
+        else:
+            seen_addrs[node.address] = label
     return nodes
+
+
+def overlapping_pod_cidrs(nodes: list[Node]) -> list[str]:
+    """One message per node whose ``pod_cidr`` overlaps (or equals) an earlier node's: a pod address must have one
+    owner. Sorted by network, so 5,000 nodes take one pass."""
+    with_cidr = sorted((n for n in nodes if n.pod_cidr is not None),
+                       key=lambda n: (n.pod_cidr.version, int(n.pod_cidr.network_address),  # type: ignore[union-attr]
+                                      -n.pod_cidr.prefixlen))  # type: ignore[union-attr]
+    problems = []
+    widest: Node | None = None  # the node whose network reaches furthest so far (same family)
+    for node in with_cidr:
+        net = node.pod_cidr
+        assert net is not None
+        if widest is not None:
+            prev = widest.pod_cidr
+            assert prev is not None
+            if prev.version == net.version and int(net.network_address) <= int(prev.broadcast_address):
+                how = "is the same as" if prev == net else "overlaps"
+                problems.append(f"node {node.name!r}: pod_cidr {net} {how} node {widest.name!r}'s {prev}")
+                if int(net.broadcast_address) <= int(prev.broadcast_address):
+                    continue
+        widest = node
+    return problems
 
 
 def load_inventory_nodes(path: Path) -> list[Node]:

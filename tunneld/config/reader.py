@@ -45,14 +45,14 @@ class Section:
         """A number that must be greater than ``above`` (any number when ``above`` is None)."""
         value = self.get(key, float, default)
         if above is not None and value <= above:
-            self.problem(key, f"must be greater than {above:g}")
+            self.problem(key, f"{value:g} is not greater than {above:g}")
             return default
         return float(value)
 
     def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int = 2**31) -> int:
         value = self.get(key, int, default)
         if not minimum <= value <= maximum:
-            self.problem(key, f"must be between {minimum} and {maximum}")
+            self.problem(key, f"{value} is not between {minimum} and {maximum}")
             return default
         return int(value)
 

@@ -50,7 +50,7 @@ def ssh_section(s: Section) -> SSHSettings:
                   "required (a known_hosts file, typically one '@cert-authority' line for the cluster's "
                   "SSH CA); host-key checking can only be skipped with insecure_skip_host_key_check = true")
     if not 0.0 <= ssh.backoff_jitter <= 1.0:
-        s.problem("backoff_jitter", "must be between 0 and 1")
+        s.problem("backoff_jitter", f"{ssh.backoff_jitter:g} is not between 0 and 1")
     if ssh.backoff_max < ssh.backoff_initial:
         s.problem("backoff_max", "must not be less than ssh.backoff_initial")
     return ssh

@@ -12,7 +12,9 @@ endpoints are the web pods.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import os
 import shutil
 import socket
 import tempfile
@@ -186,6 +188,14 @@ def examples(cluster: DevCluster) -> list[str]:
     ]
 
 
+class DevStartError(Exception):
+    """The dev cluster could not start; the message is one line with a hint."""
+
+
+def _bind_problem(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
 async def run(
     nodes: int, ssh_port: int, base_address: str, workdir: Path | None, check: bool, proxy_port: int | None = None,
 ) -> int:
@@ -202,9 +212,22 @@ async def run(
         cluster.workdir = workdir
     gateway: Gateway | None = None
     try:
-        config_path = await cluster.start()
+        try:
+            config_path = await cluster.start()
+        except OSError as exc:
+            hint = ("--base-address must be a loopback address such as 127.0.1.1"
+                    if exc.errno == errno.EADDRNOTAVAIL else "choose others with --base-address or --ssh-port")
+            raise DevStartError(f"cannot start the simulated nodes on {base_address} (ssh port {ssh_port}, kubelets "
+                                f"{KUBELET_PORT}/{HEALTHZ_PORT}): {_bind_problem(exc)} ({hint})") from exc
         started = Gateway(load_config(config_path))
-        await started.start()
+        try:
+            await started.start()
+        except OSError as exc:
+            await started.stop(grace=0)
+            if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                raise DevStartError(f"cannot start the gateway: {exc} (try another --workdir)") from exc
+            raise DevStartError(f"cannot serve the proxy URLs on 127.0.0.1:{cluster.proxy_port}: {_bind_problem(exc)} "
+                                "(choose another port with --proxy-port, or --proxy-port 0 for any free one)") from exc
         gateway = started
         all_up = await wait_all_up(gateway, timeout=30 + nodes * 0.05)
         print(render.table(gateway.pool.snapshot()), flush=True)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import logging
 import signal
 import ssl
 import sys
@@ -54,6 +55,8 @@ from tunneld.dev.spdy import UpgradeFront
 
 LOG_LINES = 20
 SHUTDOWN_TIMEOUT = 1.0
+
+log = logging.getLogger("tunneld.dev.kubelet")
 
 
 @dataclass
@@ -177,15 +180,18 @@ class KubeletSim:
         first = max(LOG_LINES - tail, 0)
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await resp.prepare(request)
-        for n in range(first, LOG_LINES):
-            await resp.write(self._log_line(found.name, container, n, timestamps).encode())
-        if q.get("follow") == "true":
-            n = LOG_LINES
-            while True:  # until the client goes away (the write raises)
-                await asyncio.sleep(0.2)
+        try:
+            for n in range(first, LOG_LINES):
                 await resp.write(self._log_line(found.name, container, n, timestamps).encode())
-                n += 1
-        await resp.write_eof()
+            if q.get("follow") == "true":
+                n = LOG_LINES
+                while True:  # until the client goes away (the write raises)
+                    await asyncio.sleep(0.2)
+                    await resp.write(self._log_line(found.name, container, n, timestamps).encode())
+                    n += 1
+            await resp.write_eof()
+        except ConnectionResetError:  # the client stopped reading (Ctrl-C on `logs -f`): the normal end of a follow
+            log.debug("log follow of %s/%s ended by the client", found.name, container)
         return resp
 
     # --- streaming endpoints ---------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from netnames import split_host_port
-from proxy.server import prepare_socket_path
+from proxy.unixsock import OwnedSocket, prepare_socket_path
 from tunneld.config import StatusSettings
 from tunneld.ops.metrics import CONTENT_TYPE, Metrics
 from tunneld.ops.readiness import HealthChecks
@@ -68,6 +67,7 @@ class StatusServer:
     def __init__(self, app: web.Application, settings: StatusSettings) -> None:
         self._runner = web.AppRunner(app, access_log=None)
         self._settings = settings
+        self._owned: OwnedSocket | None = None
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -76,6 +76,7 @@ class StatusServer:
             prepare_socket_path(path)
             site = web.UnixSite(self._runner, str(path))
             await site.start()
+            self._owned = OwnedSocket.of(path)
             os.chmod(path, SOCKET_MODE)
         if self._settings.listen:
             host, port = split_host_port(self._settings.listen)
@@ -83,5 +84,6 @@ class StatusServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
-        if self._settings.socket is not None:
-            Path(self._settings.socket).unlink(missing_ok=True)
+        if self._owned is not None:  # never a socket this process did not bind (a running daemon's)
+            self._owned.remove()
+            self._owned = None

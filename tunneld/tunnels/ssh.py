@@ -13,6 +13,7 @@ import base64
 import logging
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -141,6 +142,48 @@ def _client_keys(ssh: SSHSettings) -> list[Any]:
         return [key]
     except (OSError, asyncssh.KeyImportError) as exc:
         raise AuthFailed(f"cannot load client key: {exc}") from exc
+
+
+def _known_hosts_lines(path: Path) -> str | None:
+    """asyncssh skips a line it cannot use; a line that names no usable key is a mistake worth reporting."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if fields[0].startswith("@"):
+                if fields[0] not in ("@cert-authority", "@revoked"):
+                    return f"line {number}: unknown marker {fields[0][:40]!r}"
+                fields = fields[1:]
+            if len(fields) < 3:
+                return f"line {number}: expected host patterns, a key type and a key"
+            try:
+                asyncssh.import_public_key(f"{fields[1]} {fields[2]}")
+            except (ValueError, asyncssh.KeyImportError) as exc:
+                return f"line {number}: not a public key: {exc}"
+    return None
+
+
+def ssh_file_problem(kind: str, path: Path, other: Path | None = None) -> str | None:
+    """Why ``path`` does not parse as ``kind`` (private_key, certificate, known_hosts, public_key) the way
+    :func:`connect` reads it, or None; ``pair``: whether the certificate ``other`` is for the private key ``path``."""
+    try:
+        if kind == "private_key":
+            asyncssh.read_private_key(str(path))
+        elif kind == "certificate":
+            asyncssh.read_certificate(str(path))
+        elif kind == "known_hosts":
+            asyncssh.read_known_hosts(str(path))
+            return _known_hosts_lines(path)
+        elif kind == "public_key":
+            asyncssh.read_public_key(str(path))
+        elif kind == "pair" and other is not None:
+            key, cert = asyncssh.read_private_key(str(path)), asyncssh.read_certificate(str(other))
+            if key.public_data != cert.key.public_data:
+                return f"a certificate for another key than {path}"
+    except (OSError, ValueError, asyncssh.KeyImportError) as exc:  # KeyImportError is a ValueError
+        return f"does not parse: {exc}"
+    return None
 
 
 async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None) -> SSHLink:
