@@ -90,7 +90,7 @@ async def test_queue_then_admin_approval_issues_usable_client_certificate(env: E
         # A bootstrapper cannot approve its own request.
         async with boot.put(f"{CSR_PATH}/node-1-client/approval", json=_approval_body(obj)) as resp:
             assert resp.status == 403 and (await resp.json())["reason"] == "Forbidden"
-        await asyncio.sleep(0.5)
+        assert await env.service.sign_ready() == 0  # a whole signer pass: nothing to sign while it is pending
         async with boot.get(f"{CSR_PATH}/node-1-client") as resp:
             assert "certificate" not in (await resp.json())["status"]  # still pending, nothing issued
         # The administrator, over the local socket (SO_PEERCRED: root), approves.
@@ -157,7 +157,7 @@ async def test_token_holder_refusals_have_reasons(env: Env) -> None:
             conds = obj["status"]["conditions"]
             assert [c["type"] for c in conds] == [kind], conds
             assert why in conds[0]["message"]
-    await asyncio.sleep(0.5)  # a signer pass runs meanwhile: none of them gets a certificate
+    assert await env.service.sign_ready() == 0  # a whole signer pass: none of them gets a certificate
     assert all(c.certificate is None for c in await env.service.store.list_csrs())
     actions = [r.action for r in await env.service.store.list_audit()]
     assert actions.count("failed") == 2 and actions.count("denied") == 2
@@ -187,7 +187,7 @@ async def test_admin_token_decisions_follow_condition_rules(env: Env) -> None:
         assert code == 422 and bad["reason"] == "Invalid" and "600" in bad["message"]
         async with admin.get(f"{CSR_PATH}/missing") as resp:
             assert resp.status == 404 and (await resp.json())["reason"] == "NotFound"
-    await asyncio.sleep(0.4)
+    assert await env.service.sign_ready() == 0  # a whole signer pass: a denied request is never signed
     assert (await env.service.store.get_csr("to-deny")).certificate is None
 
 
