@@ -7,7 +7,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -127,3 +127,19 @@ async def node_servers(cluster: DevCluster) -> AsyncIterator[NodeServers]:
     finally:
         for server in servers:
             server.close()
+
+
+async def source_stalls(written: Callable[[], int], quiet: float = 1.0, limit: float = 10.0) -> int:
+    """Poll ``written()`` until it has not moved for ``quiet`` seconds (bounded by ``limit``); return its value.
+
+    For a reader that reads nothing: the source may fill socket buffers, windows and one read, then must stall.
+    """
+    last, stalled_for = -1, 0.0
+    for _ in range(int(limit / 0.1)):
+        await asyncio.sleep(0.1)
+        now = written()
+        stalled_for = stalled_for + 0.1 if now == last else 0.0
+        last = now
+        if stalled_for >= quiet:
+            return now
+    raise AssertionError(f"the source never stalled (wrote {last} bytes)")

@@ -25,7 +25,7 @@ from tunneld.dev.pki import DevCA
 
 from ..curl import curl
 from ..relay import unix_relay
-from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, fast_config, started, wait_for
+from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, fast_config, source_stalls, started, wait_for
 
 MiB = 1024 * 1024
 T = TypeVar("T")
@@ -150,15 +150,7 @@ async def test_slow_reader_stops_the_sender_instead_of_growing_buffers(cluster: 
         reader, writer, head = await connect_raw(sock, f"{node.address}:{SOURCE_PORT}")
         assert head.startswith(b"HTTP/1.1 200 ")
         # Do not read: the source may fill the socket buffers, the SSH window and one read chunk, then must stall.
-        last, stalled_for = -1, 0.0
-        for _ in range(100):  # bounded: at most 100 x 0.1 s
-            await asyncio.sleep(0.1)
-            now = node_servers.source_written[0]
-            stalled_for = stalled_for + 0.1 if now == last else 0.0
-            last = now
-            if stalled_for >= 1.0:
-                break
-        assert stalled_for >= 1.0, f"source never stalled (wrote {last} bytes)"
+        last = await source_stalls(lambda: node_servers.source_written[0])
         assert last < 24 * MiB, f"{last} bytes buffered for a reader that reads nothing"
         # Then everything arrives, in order and intact.
         expected = hashlib.sha256(b"".join(bytes([i]) * MiB for i in range(64))).hexdigest()

@@ -21,7 +21,7 @@ from tunneld.dev.cluster import DevCluster
 
 from ..konnectivity import Client, DialFailed
 from ..waiting import wait_for
-from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, started
+from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, source_stalls, started
 from .test_egress import egress_config
 
 MiB = 1024 * 1024
@@ -140,15 +140,7 @@ async def test_a_client_that_stops_reading_stops_the_node(cluster: DevCluster, n
     try:
         node = cluster.sim_nodes[0]
         conn = await client.dial(f"{node.address}:{SOURCE_PORT}")
-        last, stalled_for = -1, 0.0
-        for _ in range(100):  # bounded: at most 100 x 0.1 s
-            await asyncio.sleep(0.1)
-            now = node_servers.source_written[0]
-            stalled_for = stalled_for + 0.1 if now == last else 0.0
-            last = now
-            if stalled_for >= 1.0:
-                break
-        assert stalled_for >= 1.0, f"the source never stalled (wrote {last} bytes)"
+        last = await source_stalls(lambda: node_servers.source_written[0])
         assert last < 24 * MiB, f"{last} bytes buffered for a client that reads nothing"
         data, error = await asyncio.wait_for(conn.read_all(), 60)
         assert len(data) == 64 * MiB and error == ""
