@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from certs.api import CSR_PATH
+from tests.waiting import wait_value
 
 
 def free_port(host: str) -> int:
@@ -140,11 +141,8 @@ def session(cfg: DaemonConfig, token: str) -> aiohttp.ClientSession:
 
 
 async def wait_for(session: aiohttp.ClientSession, name: str, pred, timeout: float = 15) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def get() -> dict:
         async with session.get(f"{CSR_PATH}/{name}") as r:
-            obj = await r.json()
-        if pred(obj):
-            return obj
-        assert time.monotonic() < deadline, f"timed out on {name}: {obj}"
-        await asyncio.sleep(0.1)
+            return await r.json()
+
+    return await wait_value(get, pred, timeout, f"CSR {name}", interval=0.1)

@@ -10,7 +10,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from certs.store import NotFound
 from tests.certs_api_env import ADMIN_TOKEN, Env, api_env
 from tests.certs_util import body, make_csr, make_request
 from tests.store_contract import CALLER
+from tests.waiting import wait_value
 
 from .conftest import next_base
 
@@ -42,13 +42,7 @@ async def _post(session: aiohttp.ClientSession, payload: dict) -> tuple[int, dic
 
 async def _until(service: CertService, name: str, done: Callable[[CSR], bool], timeout: float = 10.0) -> CSR:
     """Poll the store (bounded) until ``name`` satisfies ``done``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        csr = await service.store.get_csr(name)
-        if done(csr):
-            return csr
-        assert time.monotonic() < deadline, f"{name} stayed {csr.state}"
-        await asyncio.sleep(0.05)
+    return await wait_value(lambda: service.store.get_csr(name), done, timeout, f"{name} to change state")
 
 
 async def _plant(env: Env, name: str, change: Callable[[CSR], None]) -> None:

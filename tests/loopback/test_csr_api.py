@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from certs.signers import KUBELET_SERVING
 from certs.tokens import new_bootstrap_token
 from tests.certs_api_env import ADMIN_TOKEN, Env, api_env
 from tests.certs_util import body, make_request
+from tests.waiting import wait_value
 
 from .conftest import next_base
 
@@ -43,14 +43,12 @@ async def _post(session: aiohttp.ClientSession, payload: dict) -> tuple[int, dic
 
 
 async def _wait_cert(session: aiohttp.ClientSession, name: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def get() -> dict:
         async with session.get(f"{CSR_PATH}/{name}") as resp:
-            obj = await resp.json()
-        if obj.get("status", {}).get("certificate"):
-            return obj
-        assert time.monotonic() < deadline, f"no certificate for {name}: {obj}"
-        await asyncio.sleep(0.1)
+            return await resp.json()
+
+    return await wait_value(get, lambda obj: bool(obj.get("status", {}).get("certificate")), timeout,
+                            f"a certificate for {name}", interval=0.1)
 
 
 def _curl_unix(sock: Path, method: str, path: str, data: dict | None = None,

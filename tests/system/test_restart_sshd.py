@@ -23,6 +23,7 @@ import pytest
 
 from tests import rawhttp
 from tests.sshbed import SshBed
+from tests.waiting import wait_for
 
 from .test_faults_sshd import expected_sha, fronts_config
 
@@ -58,9 +59,8 @@ class Daemon:
         raise AssertionError(f"gateway did not bring {node} up:\n{self.log.read_text()[-3000:]}")
 
     async def wait_exit(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a child
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # still running after timeout: -1
+            await wait_for(lambda: self.proc.poll() is not None, timeout, "the gateway to exit")
         return -1 if self.proc.poll() is None else self.proc.returncode
 
     def kill(self) -> None:

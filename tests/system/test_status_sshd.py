@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import pytest
 
 from tests.sshbed import SshBed
+from tests.waiting import wait_value
 from tunneld.app import Gateway
 from tunneld.config import load_config
 
@@ -46,26 +46,21 @@ async def test_stopped_sshd_turns_its_row_red_within_the_probe_period(bed: SshBe
     gw = Gateway(load_config(path))
     await gw.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            lines = await status_lines(str(sock))
+        def all_well(lines: list[str]) -> bool:
             rows = {cells(line)[0]: cells(line) for line in lines[1:]}
-            if sorted(rows) == ["node-0", "node-1", "node-2"] and all(
-                    r[2] == "up" and r[7] == "ok" for r in rows.values()):
-                break
-            assert time.monotonic() < deadline, "\n".join(lines)
-            await asyncio.sleep(0.3)
+            return sorted(rows) == ["node-0", "node-1", "node-2"] and all(
+                r[2] == "up" and r[7] == "ok" for r in rows.values())
+
+        lines = await wait_value(lambda: status_lines(str(sock)), all_well, 30, "every row up and ok", interval=0.3)
         assert not any(RED.search(line) for line in lines), "nothing is red while all is well"
 
         bed.nodes["node-1"].kill_sshd()
-        killed = time.monotonic()
-        while True:
-            lines = await status_lines(str(sock))
+        def red_first(lines: list[str]) -> bool:
             first = cells(lines[1])
-            if first[0] == "node-1" and first[2] in ("down", "degraded") and RED.search(lines[1]):
-                break
-            assert time.monotonic() - killed < PROBE_PERIOD + 2.0, "\n".join(lines)
-            await asyncio.sleep(0.1)
+            return first[0] == "node-1" and first[2] in ("down", "degraded") and bool(RED.search(lines[1]))
+
+        lines = await wait_value(lambda: status_lines(str(sock)), red_first, PROBE_PERIOD + 2.0,
+                                 "node-1's row to turn red, first", interval=0.1)
         assert [cells(line)[2] for line in lines[2:]] == ["up", "up"]
         assert not any(RED.search(line) for line in lines[2:])
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests import nspawn
+from tests.waiting import wait_sync
 from tunneld.dev.pki import DevCA
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
@@ -112,14 +113,7 @@ def gateway(box: nspawn.Container, path: str = "/gateway") -> dict:
 
 
 def wait(cond, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return wait_sync(cond, timeout, what, interval=0.1)
 
 
 def stays(cond, seconds: float) -> None:  # type: ignore[no-untyped-def]
