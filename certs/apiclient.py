@@ -106,7 +106,7 @@ class APIClient:
         except aiohttp.ClientConnectorCertificateError as exc:
             raise APIUnavailable(f"{url}: the server's certificate is not trusted: {exc.certificate_error}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise APIUnavailable(f"{url}: {exc or type(exc).__name__}") from exc
+            raise APIUnavailable(f"{url}: {str(exc) or type(exc).__name__}") from exc
         try:
             answer = json.loads(raw) if raw else None
         except ValueError:

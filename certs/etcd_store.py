@@ -1,4 +1,4 @@
-"""etcd backend of :class:`certs.store.Store`, over etcd v3's JSON gRPC gateway (``/v3/kv/*``) with aiohttp.
+"""etcd backend of :class:`certs.store.Store`, over etcd v3's JSON gRPC gateway (see :mod:`certs.etcd_client`).
 
 Keys (values are JSON, keys and values base64 on the wire)::
 
@@ -9,12 +9,11 @@ Keys (values are JSON, keys and values base64 on the wire)::
 
 Creation is a transaction comparing ``create_revision == 0`` (the key does not exist); updates compare
 ``mod_revision`` with the version read, so concurrent writers from several masters never overwrite each other.
-Endpoints are tried in order when one cannot be reached.
+Lists are read in pages at one revision; :meth:`EtcdStore.list_csrs_page` hands out a continuation that pins it.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import ssl
@@ -23,32 +22,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from certs.csr import CSR
-from certs.store import AlreadyExists, AuditRecord, Conflict, NotFound, StoreError
+from certs.etcd_client import EtcdClient, EtcdError, b64, prefix_end, unb64
+from certs.store import (
+    AlreadyExists,
+    AuditRecord,
+    Conflict,
+    InvalidContinue,
+    NotFound,
+    StoreError,
+    decode_continue,
+    encode_continue,
+)
 from certs.tokens import BootstrapToken
-
-MAX_RESPONSE = 64 * 1024 * 1024
-
-
-def _b64(data: str | bytes) -> str:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
-def _unb64(data: str) -> bytes:
-    return base64.b64decode(data)
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key starting with ``prefix`` (etcd's range_end for a prefix)."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\x00"
 
 
 def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -67,69 +53,38 @@ def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | Non
     return context
 
 
-async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole response body, at most :data:`MAX_RESPONSE` bytes. ``content.read(n)`` returns what has arrived so
-    far (one TLS record, say), so it is read until the end."""
-    body = bytearray()
-    while chunk := await resp.content.read(64 * 1024):
-        body += chunk
-        if len(body) > MAX_RESPONSE:
-            raise StoreError(f"etcd answered more than {MAX_RESPONSE} bytes")
-    return bytes(body)
+def _csr(kv: dict[str, Any]) -> CSR:
+    return CSR.from_record(json.loads(unb64(kv["value"])), str(kv["mod_revision"]))
 
 
 class EtcdStore:
     """A :class:`~certs.store.Store` in etcd (v3 API via the JSON gateway)."""
 
-    def __init__(self, endpoints: Sequence[str], prefix: str = "/tunneld/certs", timeout: float = 5.0,
+    def __init__(self, endpoints: Sequence[str], prefix: str = "/tunneld/certs", timeout: float = 3.0,
                  tls: ssl.SSLContext | None = None) -> None:
-        """``tls`` is used for https endpoints (see :func:`client_tls`); without it, the system's trust store."""
-        if not endpoints:
-            raise ValueError("at least one etcd endpoint is required")
-        self.endpoints = [e.rstrip("/") for e in endpoints]
+        """``timeout`` bounds one attempt on one endpoint; ``tls`` is used for https endpoints (see
+        :func:`client_tls`); without it, the system's trust store."""
+        self.etcd = EtcdClient(endpoints, timeout, tls)
+        self.endpoints = self.etcd.endpoints
         self.prefix = "/" + prefix.strip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._tls = tls
-        self._session: aiohttp.ClientSession | None = None
 
     def _key(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True)
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
-        errors: list[str] = []
-        for endpoint in self.endpoints:
-            try:
-                async with self._session.post(endpoint + path, json=body) as resp:
-                    text = await _read_body(resp)
-                    if resp.status != 200:
-                        raise StoreError(f"etcd {endpoint}{path}: HTTP {resp.status}: {text[:300]!r}")
-                    try:
-                        return json.loads(text)  # type: ignore[no-any-return]
-                    except ValueError as exc:
-                        raise StoreError(f"etcd {endpoint}{path}: the answer is not JSON: {exc}") from exc
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                errors.append(f"{endpoint}: {exc or type(exc).__name__}")
-        raise StoreError("no etcd endpoint answered: " + "; ".join(errors))
+        return await self.etcd.call(path, body, write=path != "/v3/kv/range")
 
     async def _range(self, key: str, prefix: bool = False) -> list[dict[str, Any]]:
-        body: dict[str, Any] = {"key": _b64(key)}
         if prefix:
-            body["range_end"] = _b64(_prefix_end(key.encode()))
-            body["sort_order"] = "ASCEND"
-            body["sort_target"] = "CREATE"
-        return list((await self._call("/v3/kv/range", body)).get("kvs", []))
+            return await self.etcd.range_prefix(key)
+        kv = await self.etcd.get(key)
+        return [kv] if kv is not None else []
 
     async def _txn_put(self, key: str, value: str, target: str, revision: int) -> int | None:
         """Put ``value`` if the key's ``target`` revision equals ``revision``; the new mod_revision, or None."""
         field = "create_revision" if target == "CREATE" else "mod_revision"
-        body = {
-            "compare": [{"key": _b64(key), "result": "EQUAL", "target": target, field: str(revision)}],
-            "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
-        }
-        resp = await self._call("/v3/kv/txn", body)
+        resp = await self.etcd.txn([{"key": b64(key), "result": "EQUAL", "target": target, field: str(revision)}],
+                                   [{"request_put": {"key": b64(key), "value": b64(value)}}])
         if not resp.get("succeeded", False):
             return None
         return int(resp["header"]["revision"])
@@ -145,11 +100,28 @@ class EtcdStore:
         kvs = await self._range(self._key("csrs", name))
         if not kvs:
             raise NotFound(f"certificatesigningrequests {name!r} not found")
-        return CSR.from_record(json.loads(_unb64(kvs[0]["value"])), str(kvs[0]["mod_revision"]))
+        return _csr(kvs[0])
 
     async def list_csrs(self) -> list[CSR]:
         kvs = await self._range(self._key("csrs", ""), prefix=True)
-        return [CSR.from_record(json.loads(_unb64(kv["value"])), str(kv["mod_revision"])) for kv in kvs]
+        kvs.sort(key=lambda kv: int(kv["create_revision"]))
+        return [_csr(kv) for kv in kvs]
+
+    async def list_csrs_page(self, limit: int, continue_token: str = "") -> tuple[list[CSR], str]:
+        base = self._key("csrs", "")
+        start, revision = base.encode(), 0
+        if continue_token:
+            after, revision = decode_continue(continue_token)
+            start = (base + after).encode() + b"\x00"
+        try:
+            kvs, revision, more = await self.etcd.range_page(start, prefix_end(base.encode()), max(1, limit),
+                                                             revision)
+        except EtcdError as exc:
+            if "compacted" in exc.message:
+                raise InvalidContinue("continue: the list's snapshot was compacted; list again", True) from exc
+            raise
+        items = [_csr(kv) for kv in kvs]
+        return items, encode_continue(items[-1].name, revision) if more and items else ""
 
     async def replace_csr(self, csr: CSR) -> CSR:
         rev = await self._txn_put(self._key("csrs", csr.name), json.dumps(csr.to_record()), "MOD",
@@ -161,11 +133,11 @@ class EtcdStore:
         return csr
 
     async def delete_csr(self, name: str) -> CSR:
-        resp = await self._call("/v3/kv/deleterange", {"key": _b64(self._key("csrs", name)), "prev_kv": True})
+        resp = await self._call("/v3/kv/deleterange", {"key": b64(self._key("csrs", name)), "prev_kv": True})
         prev = resp.get("prev_kvs") or []
         if not prev:
             raise NotFound(f"certificatesigningrequests {name!r} not found")
-        return CSR.from_record(json.loads(_unb64(prev[0]["value"])), str(prev[0]["mod_revision"]))
+        return _csr(prev[0])
 
     async def put_token(self, token: BootstrapToken) -> None:
         rev = await self._txn_put(self._key("tokens", token.token_id), json.dumps(token.to_dict()), "CREATE", 0)
@@ -174,15 +146,15 @@ class EtcdStore:
 
     async def get_token(self, token_id: str) -> BootstrapToken | None:
         kvs = await self._range(self._key("tokens", token_id))
-        return BootstrapToken.from_dict(json.loads(_unb64(kvs[0]["value"]))) if kvs else None
+        return BootstrapToken.from_dict(json.loads(unb64(kvs[0]["value"]))) if kvs else None
 
     async def list_tokens(self) -> list[BootstrapToken]:
         kvs = await self._range(self._key("tokens", ""), prefix=True)
-        return sorted((BootstrapToken.from_dict(json.loads(_unb64(kv["value"]))) for kv in kvs),
+        return sorted((BootstrapToken.from_dict(json.loads(unb64(kv["value"]))) for kv in kvs),
                       key=lambda t: t.token_id)
 
     async def delete_token(self, token_id: str) -> bool:
-        resp = await self._call("/v3/kv/deleterange", {"key": _b64(self._key("tokens", token_id))})
+        resp = await self._call("/v3/kv/deleterange", {"key": b64(self._key("tokens", token_id))})
         return int(resp.get("deleted", 0)) > 0
 
     async def append_audit(self, record: AuditRecord) -> None:
@@ -194,7 +166,7 @@ class EtcdStore:
         prefix = self._key("audit", csr, "") if csr is not None else self._key("audit", "")
         kvs = await self._range(prefix, prefix=True)
         kvs.sort(key=lambda kv: int(kv["create_revision"]))
-        return [AuditRecord.from_dict(json.loads(_unb64(kv["value"]))) for kv in kvs]
+        return [AuditRecord.from_dict(json.loads(unb64(kv["value"]))) for kv in kvs]
 
     async def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
         key = self._key("locks", name)
@@ -205,7 +177,7 @@ class EtcdStore:
             kvs = await self._range(key)
             if not kvs:
                 continue
-            held = json.loads(_unb64(kvs[0]["value"]))
+            held = json.loads(unb64(kvs[0]["value"]))
             if held.get("owner") != owner and float(held.get("expires", 0)) >= time.time():
                 return False
             # Expired, or ours: take it over unless someone else did first.
@@ -215,15 +187,11 @@ class EtcdStore:
     async def release_lock(self, name: str, owner: str) -> None:
         key = self._key("locks", name)
         kvs = await self._range(key)
-        if not kvs or json.loads(_unb64(kvs[0]["value"])).get("owner") != owner:
+        if not kvs or json.loads(unb64(kvs[0]["value"])).get("owner") != owner:
             return
-        await self._call("/v3/kv/txn", {
-            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "MOD",
-                         "mod_revision": str(kvs[0]["mod_revision"])}],
-            "success": [{"request_delete_range": {"key": _b64(key)}}],
-        })
+        await self.etcd.txn([{"key": b64(key), "result": "EQUAL", "target": "MOD",
+                              "mod_revision": str(kvs[0]["mod_revision"])}],
+                            [{"request_delete_range": {"key": b64(key)}}])
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.etcd.close()

@@ -15,6 +15,7 @@ Every step appends an audit record (who, when, why); the conditions carry the sa
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import logging
@@ -188,6 +189,12 @@ class CertService:
     async def list(self, caller: Identity) -> list[CSR]:
         """Every CSR for administrators; a caller's own CSRs otherwise."""
         return [c for c in await self.store.list_csrs() if self._visible(caller, c)]
+
+    async def list_page(self, caller: Identity, limit: int, continue_token: str = "") -> tuple[builtins.list[CSR], str]:
+        """One page of :meth:`list` in name order (a page may hold fewer than ``limit`` of a non-admin's CSRs);
+        (items, continuation or "")."""
+        items, token = await self.store.list_csrs_page(limit, continue_token)
+        return [c for c in items if self._visible(caller, c)], token
 
     async def get(self, caller: Identity, name: str) -> CSR:
         """One CSR; raises :class:`~certs.store.NotFound` also when the caller may not see it."""

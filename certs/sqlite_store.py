@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from certs.csr import CSR
-from certs.store import AlreadyExists, AuditRecord, Conflict, NotFound, StoreError
+from certs.store import AlreadyExists, AuditRecord, Conflict, NotFound, StoreError, decode_continue, encode_continue
 from certs.tokens import BootstrapToken
 
 SCHEMA = """
@@ -81,6 +81,13 @@ class SQLiteStore:
     async def list_csrs(self) -> list[CSR]:
         rows = await self._q("SELECT version, data FROM csrs ORDER BY rowid")
         return [CSR.from_record(json.loads(data), str(version)) for version, data in rows]
+
+    async def list_csrs_page(self, limit: int, continue_token: str = "") -> tuple[list[CSR], str]:
+        after = decode_continue(continue_token)[0] if continue_token else ""
+        rows = await self._q("SELECT version, data FROM csrs WHERE name > ? ORDER BY name LIMIT ?", after,
+                             max(1, limit) + 1)
+        items = [CSR.from_record(json.loads(data), str(version)) for version, data in rows[:max(1, limit)]]
+        return items, encode_continue(items[-1].name) if len(rows) > max(1, limit) else ""
 
     async def replace_csr(self, csr: CSR) -> CSR:
         version = int(csr.resource_version or 0)

@@ -7,7 +7,10 @@ gateways deciding or signing at once never lose each other's conditions. The aud
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -34,6 +37,52 @@ class Conflict(StoreError):
 
 class Contended(StoreError):
     """Another master holds the lock for this decision; retry shortly (HTTP 503)."""
+
+
+class LockLost(Contended):
+    """A write fenced by a lock failed because the lock is no longer ours (it expired and may be someone else's):
+    nothing was written, and whatever was decided under the lock is discarded."""
+
+
+class InvalidContinue(ValueError):
+    """A list's ``continue`` token is malformed or has expired (HTTP 400 / 410)."""
+
+    def __init__(self, message: str, expired: bool = False) -> None:
+        """``expired``: the snapshot the token points at is gone (list again from the start)."""
+        super().__init__(message)
+        self.expired = expired
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of holding a store lock, checked inside the writes it guards (a fencing token).
+
+    ``token`` is what the store compares: etcd, the lock key's ``create_revision``; SQLite, the lock row's
+    generation. A write fenced by a lock that expired (and may have been taken by another master) fails with
+    :class:`LockLost`, whatever any clock says.
+    """
+
+    name: str
+    owner: str
+    token: int
+
+
+def encode_continue(after: str, revision: int = 0) -> str:
+    """A list continuation: resume after the name ``after``, at ``revision`` (etcd; 0 for SQLite)."""
+    raw = json.dumps({"after": after, "rev": revision}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_continue(token: str) -> tuple[str, int]:
+    """Inverse of :func:`encode_continue`; raises :class:`InvalidContinue`."""
+    try:
+        obj = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after, rev = obj["after"], obj["rev"]
+    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+        raise InvalidContinue("continue: not a token this server issued") from exc
+    if not isinstance(after, str) or not after or not isinstance(rev, int) or rev < 0:
+        raise InvalidContinue("continue: not a token this server issued")
+    return after, rev
 
 
 @dataclass(frozen=True)
@@ -76,7 +125,12 @@ class Store(Protocol):
         ...
 
     async def list_csrs(self) -> list[CSR]:
-        """Every CSR, oldest first."""
+        """Every CSR, oldest first (read in pages, one consistent snapshot)."""
+        ...
+
+    async def list_csrs_page(self, limit: int, continue_token: str = "") -> tuple[list[CSR], str]:
+        """At most ``limit`` CSRs in name order, starting after ``continue_token``; (items, next token or "").
+        Raises :class:`InvalidContinue`."""
         ...
 
     async def replace_csr(self, csr: CSR) -> CSR:

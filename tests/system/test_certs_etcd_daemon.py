@@ -62,6 +62,20 @@ async def test_two_masters_share_csrs_and_restart_keeps_pending(work: Path) -> N
                 obj = await wait_for(s, "via-b", lambda o: o["status"].get("certificate"))
             assert [c["type"] for c in obj["status"]["conditions"]] == ["Approved"]
             assert _rows((await acli("csr", "list", "--config", str(b.path))).stdout) == {"via-b": "Approved,Issued"}
+
+            # `tunneld csr list --limit/--continue` pages in name order and says how to get the next page.
+            async with session(a, token) as s:
+                for name in ("via-a", "via-c"):
+                    async with s.post(CSR_PATH, json=body(make_request("system:node:node-2")[0], name=name)) as r:
+                        assert r.status == 201, await r.text()
+            first = await acli("csr", "list", "--config", str(b.path), "--limit", "2")
+            assert list(_rows(first.stdout)) == ["via-a", "via-b"], first.stdout
+            nxt = first.stderr.strip().split()
+            assert nxt[:-1] == ["more:", "tunneld", "csr", "list", "--limit", "2", "--continue"], first.stderr
+            last = await acli("csr", "list", "--config", str(b.path), "--limit", "2", "--continue", nxt[-1])
+            assert list(_rows(last.stdout)) == ["via-c"] and "more:" not in last.stderr, last.stdout + last.stderr
+            every = await acli("csr", "list", "--config", str(b.path))  # without --limit: all pages
+            assert list(_rows(every.stdout)) == ["via-a", "via-b", "via-c"] and not every.stderr, every.stderr
         finally:
             for m in masters:
                 assert await m.stop() == 0
