@@ -5,11 +5,18 @@ Keys (values are JSON, keys and values base64 on the wire)::
     <prefix>/csrs/<name>            the CSR record; resource_version = the key's mod_revision
     <prefix>/tokens/<id>            a bootstrap token
     <prefix>/audit/<csr>/<ns>-<rnd> one audit record, written once, never updated
-    <prefix>/locks/<name>           {"owner", "expires"}: a decision under way on one master
+    <prefix>/locks/<name>           {"owner"} under the master's lease: a decision under way (certs.etcd_locks)
+    <prefix>/schema                 the store's layout version
 
 Creation is a transaction comparing ``create_revision == 0`` (the key does not exist); updates compare
-``mod_revision`` with the version read, so concurrent writers from several masters never overwrite each other.
-Lists are read in pages at one revision; :meth:`EtcdStore.list_csrs_page` hands out a continuation that pins it.
+``mod_revision`` with the version read, so concurrent writers from several masters never overwrite each other. A
+write made under a lock also compares the lock key's ``create_revision`` (a fence): it fails with
+:class:`~certs.store.LockLost` once the lock has run out, whatever the writer believes.
+
+A write whose answer was lost (:class:`~certs.etcd_client.Ambiguous`: a timeout, a member that went away) is not
+simply retried: the key is read back first, and a stored value carrying this request's ``metadata.uid`` (a CSR) or
+exactly this value (an update, an audit record) counts as done. Lists are read in pages at one revision;
+:meth:`EtcdStore.list_csrs_page` hands out a continuation that pins it.
 """
 
 from __future__ import annotations
@@ -18,17 +25,20 @@ import json
 import secrets
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from certs.csr import CSR
-from certs.etcd_client import EtcdClient, EtcdError, b64, prefix_end, unb64
+from certs.etcd_client import Ambiguous, EtcdClient, EtcdError, b64, prefix_end, unb64
+from certs.etcd_locks import LeaseLocks
 from certs.store import (
     AlreadyExists,
     AuditRecord,
     Conflict,
+    Fence,
     InvalidContinue,
+    LockLost,
     NotFound,
     StoreError,
     decode_continue,
@@ -57,6 +67,14 @@ def _csr(kv: dict[str, Any]) -> CSR:
     return CSR.from_record(json.loads(unb64(kv["value"])), str(kv["mod_revision"]))
 
 
+def _kvs(resp: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    """The kvs of the ``index``-th range in a transaction's answer."""
+    responses = resp.get("responses") or []
+    if index >= len(responses):
+        return []
+    return list((responses[index].get("response_range") or {}).get("kvs") or [])
+
+
 class EtcdStore:
     """A :class:`~certs.store.Store` in etcd (v3 API via the JSON gateway)."""
 
@@ -67,6 +85,7 @@ class EtcdStore:
         self.etcd = EtcdClient(endpoints, timeout, tls)
         self.endpoints = self.etcd.endpoints
         self.prefix = "/" + prefix.strip("/")
+        self.locks = LeaseLocks(self.etcd, self.prefix)
 
     def _key(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
@@ -80,20 +99,66 @@ class EtcdStore:
         kv = await self.etcd.get(key)
         return [kv] if kv is not None else []
 
+    async def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+                   failure: list[dict[str, Any]], settled: Callable[[], Awaitable[int | None]]) -> dict[str, Any]:
+        """A write transaction. When its answer is lost, ``settled()`` reads back: a revision means the write is
+        known to be stored (a synthetic success answer), None that it is not (the transaction is sent again)."""
+        for attempt in range(3):
+            try:
+                resp = await self.etcd.txn(compare, success, failure)
+                return {**resp, "resent": attempt > 0}
+            except Ambiguous:
+                rev = await settled()
+                if rev is not None:
+                    return {"succeeded": True, "header": {"revision": str(rev)}}
+        raise StoreError("etcd: a write's answer was lost three times in a row; try again")
+
     async def _txn_put(self, key: str, value: str, target: str, revision: int) -> int | None:
         """Put ``value`` if the key's ``target`` revision equals ``revision``; the new mod_revision, or None."""
         field = "create_revision" if target == "CREATE" else "mod_revision"
-        resp = await self.etcd.txn([{"key": b64(key), "result": "EQUAL", "target": target, field: str(revision)}],
-                                   [{"request_put": {"key": b64(key), "value": b64(value)}}])
+
+        async def settled() -> int | None:
+            kv = await self.etcd.get(key)
+            return int(kv["mod_revision"]) if kv is not None and unb64(kv["value"]) == value.encode() else None
+
+        resp = await self._txn([{"key": b64(key), "result": "EQUAL", "target": target, field: str(revision)}],
+                               [{"request_put": {"key": b64(key), "value": b64(value)}}],
+                               [{"request_range": {"key": b64(key)}}], settled)
         if not resp.get("succeeded", False):
-            return None
+            kvs = _kvs(resp, 0)  # an earlier attempt whose answer was lost may have landed after the read-back
+            ours = resp["resent"] and kvs and unb64(kvs[0]["value"]) == value.encode()
+            return int(kvs[0]["mod_revision"]) if ours else None
         return int(resp["header"]["revision"])
 
-    async def create_csr(self, csr: CSR) -> CSR:
-        rev = await self._txn_put(self._key("csrs", csr.name), json.dumps(csr.to_record()), "CREATE", 0)
-        if rev is None:
-            raise AlreadyExists(f"certificatesigningrequests {csr.name!r} already exists")
-        csr.resource_version = str(rev)
+    def _fenced(self, key: str, compare: dict[str, Any], value: str, fence: Fence | None
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """compare/success/failure of a CSR write, fenced by ``fence``; the failure branch reads both keys."""
+        compares, failure = [compare], [{"request_range": {"key": b64(key)}}]
+        if fence is not None:
+            compares.append(self.locks.compare(fence))
+            failure.append({"request_range": {"key": b64(self.locks.key(fence.name))}})
+        return compares, [{"request_put": {"key": b64(key), "value": b64(value)}}], failure
+
+    async def create_csr(self, csr: CSR, fence: Fence | None = None) -> CSR:
+        key, value = self._key("csrs", csr.name), json.dumps(csr.to_record())
+
+        async def settled() -> int | None:  # stored by this very request (its uid), not by a client's retry
+            kv = await self.etcd.get(key)
+            if kv is None or _csr(kv).metadata_uid != csr.metadata_uid:
+                return None
+            return int(kv["mod_revision"])
+
+        resp = await self._txn(*self._fenced(key, {"key": b64(key), "result": "EQUAL", "target": "CREATE",
+                                                   "create_revision": "0"}, value, fence), settled)
+        if not resp.get("succeeded", False):
+            kvs = _kvs(resp, 0)
+            if kvs and _csr(kvs[0]).metadata_uid == csr.metadata_uid:  # an earlier attempt of ours landed late
+                csr.resource_version = str(kvs[0]["mod_revision"])
+                return csr
+            if kvs:
+                raise AlreadyExists(f"certificatesigningrequests {csr.name!r} already exists")
+            raise LockLost(f"lost the lock {fence.name if fence else '?'} before storing {csr.name!r}; try again")
+        csr.resource_version = str(resp["header"]["revision"])
         return csr
 
     async def get_csr(self, name: str) -> CSR:
@@ -123,13 +188,26 @@ class EtcdStore:
         items = [_csr(kv) for kv in kvs]
         return items, encode_continue(items[-1].name, revision) if more and items else ""
 
-    async def replace_csr(self, csr: CSR) -> CSR:
-        rev = await self._txn_put(self._key("csrs", csr.name), json.dumps(csr.to_record()), "MOD",
-                                  int(csr.resource_version or 0))
-        if rev is None:
-            await self.get_csr(csr.name)
-            raise Conflict(f"certificatesigningrequests {csr.name!r} was modified; read it again")
-        csr.resource_version = str(rev)
+    async def replace_csr(self, csr: CSR, fence: Fence | None = None) -> CSR:
+        key, value, old = self._key("csrs", csr.name), json.dumps(csr.to_record()), int(csr.resource_version or 0)
+
+        async def settled() -> int | None:
+            kv = await self.etcd.get(key)
+            return int(kv["mod_revision"]) if kv is not None and unb64(kv["value"]) == value.encode() else None
+
+        resp = await self._txn(*self._fenced(key, {"key": b64(key), "result": "EQUAL", "target": "MOD",
+                                                   "mod_revision": str(old)}, value, fence), settled)
+        if not resp.get("succeeded", False):
+            kvs = _kvs(resp, 0)
+            if not kvs:
+                raise NotFound(f"certificatesigningrequests {csr.name!r} not found")
+            if resp["resent"] and unb64(kvs[0]["value"]) == value.encode():  # an earlier attempt landed late
+                csr.resource_version = str(kvs[0]["mod_revision"])
+                return csr
+            if int(kvs[0]["mod_revision"]) != old:
+                raise Conflict(f"certificatesigningrequests {csr.name!r} was modified; read it again")
+            raise LockLost(f"lost the lock {fence.name if fence else '?'} before updating {csr.name!r}")
+        csr.resource_version = str(resp["header"]["revision"])
         return csr
 
     async def delete_csr(self, name: str) -> CSR:
@@ -168,30 +246,15 @@ class EtcdStore:
         kvs.sort(key=lambda kv: int(kv["create_revision"]))
         return [AuditRecord.from_dict(json.loads(unb64(kv["value"]))) for kv in kvs]
 
-    async def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
-        key = self._key("locks", name)
-        value = json.dumps({"owner": owner, "expires": time.time() + ttl})
-        for _ in range(3):  # the lock may vanish between a failed create and the read
-            if await self._txn_put(key, value, "CREATE", 0) is not None:
-                return True
-            kvs = await self._range(key)
-            if not kvs:
-                continue
-            held = json.loads(unb64(kvs[0]["value"]))
-            if held.get("owner") != owner and float(held.get("expires", 0)) >= time.time():
-                return False
-            # Expired, or ours: take it over unless someone else did first.
-            return await self._txn_put(key, value, "MOD", int(kvs[0]["mod_revision"])) is not None
-        return False
+    async def acquire_lock(self, name: str, owner: str, ttl: float) -> Fence | None:
+        return await self.locks.acquire(name, owner, ttl)
 
-    async def release_lock(self, name: str, owner: str) -> None:
-        key = self._key("locks", name)
-        kvs = await self._range(key)
-        if not kvs or json.loads(unb64(kvs[0]["value"])).get("owner") != owner:
-            return
-        await self.etcd.txn([{"key": b64(key), "result": "EQUAL", "target": "MOD",
-                              "mod_revision": str(kvs[0]["mod_revision"])}],
-                            [{"request_delete_range": {"key": b64(key)}}])
+    async def release_lock(self, fence: Fence) -> None:
+        await self.locks.release(fence)
+
+    async def check_schema(self) -> None:
+        await self.locks.check_schema()
 
     async def close(self) -> None:
+        await self.locks.close()
         await self.etcd.close()

@@ -35,6 +35,10 @@ class Conflict(StoreError):
     """The object changed since it was read (compare-and-swap failed)."""
 
 
+SCHEMA_VERSION = 2
+"""Version 2: locks are fenced (etcd: leases; SQLite: generations). Version 1 (no version key) had wall-clock locks."""
+
+
 class Contended(StoreError):
     """Another master holds the lock for this decision; retry shortly (HTTP 503)."""
 
@@ -116,8 +120,9 @@ class AuditRecord:
 class Store(Protocol):
     """Persistence for the CSR API."""
 
-    async def create_csr(self, csr: CSR) -> CSR:
-        """Store a new CSR; returns it with its ``resource_version``. Raises :class:`AlreadyExists`."""
+    async def create_csr(self, csr: CSR, fence: Fence | None = None) -> CSR:
+        """Store a new CSR; returns it with its ``resource_version``. Raises :class:`AlreadyExists`, or
+        :class:`LockLost` when ``fence`` is given and its lock is no longer held (checked in the same transaction)."""
         ...
 
     async def get_csr(self, name: str) -> CSR:
@@ -133,8 +138,9 @@ class Store(Protocol):
         Raises :class:`InvalidContinue`."""
         ...
 
-    async def replace_csr(self, csr: CSR) -> CSR:
-        """Write ``csr`` if nobody changed it since ``csr.resource_version``; raises :class:`Conflict`."""
+    async def replace_csr(self, csr: CSR, fence: Fence | None = None) -> CSR:
+        """Write ``csr`` if nobody changed it since ``csr.resource_version``; raises :class:`Conflict`, or
+        :class:`LockLost` when ``fence`` is given and its lock is no longer held (same transaction)."""
         ...
 
     async def delete_csr(self, name: str) -> CSR:
@@ -165,28 +171,37 @@ class Store(Protocol):
         """The audit log, oldest first, optionally for one CSR."""
         ...
 
-    async def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
-        """Take the lock ``name`` for ``ttl`` seconds if it is free, expired or already ``owner``'s; False if another
-        owner holds it. Masters sharing a store use it to make one decision at a time (clocks must agree within
-        ``ttl``)."""
+    async def acquire_lock(self, name: str, owner: str, ttl: float) -> Fence | None:
+        """Take the lock ``name`` if it is free or already ``owner``'s; None if another owner holds it. The lock
+        lasts while its holder is alive (etcd: a lease of ``ttl`` seconds kept alive by the holder; SQLite: ``ttl``
+        seconds of the host's clock, renewed by taking it again). Masters sharing a store use it to make one
+        decision at a time; the writes that decision makes carry the returned :class:`Fence`."""
         ...
 
-    async def release_lock(self, name: str, owner: str) -> None:
-        """Release ``name`` if ``owner`` holds it (otherwise nothing happens)."""
+    async def release_lock(self, fence: Fence) -> None:
+        """Release the lock if it is still the one ``fence`` proves (otherwise nothing happens)."""
+        ...
+
+    async def check_schema(self) -> None:
+        """Make sure the store's layout is this version's (writing the version on a new store); raises
+        :class:`StoreError` when an older version's locks are still live (stop every master before upgrading) or a
+        newer version wrote the store."""
         ...
 
     async def close(self) -> None:
-        """Release connections."""
+        """Release connections (and the locks this process holds)."""
         ...
 
 
-async def update_csr(store: Store, name: str, mutate: Callable[[CSR], object], attempts: int = 20) -> CSR:
-    """Read ``name``, apply ``mutate`` (which may raise to abort), write back; retry on :class:`Conflict`."""
+async def update_csr(store: Store, name: str, mutate: Callable[[CSR], object], attempts: int = 20,
+                     fence: Fence | None = None) -> CSR:
+    """Read ``name``, apply ``mutate`` (which may raise to abort), write back (fenced by ``fence`` if given); retry
+    on :class:`Conflict`."""
     for _ in range(attempts):
         csr = await store.get_csr(name)
         mutate(csr)
         try:
-            return await store.replace_csr(csr)
+            return await store.replace_csr(csr, fence)
         except Conflict:
             continue
     raise Conflict(f"{name}: changed concurrently {attempts} times in a row")

@@ -117,3 +117,98 @@ def running_etcd(timeout: float = 20.0, tls: EtcdTLS | None = None) -> Iterator[
                 proc.wait(5)
         log.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+@dataclass
+class Member:
+    """One member of a test cluster: its name, client URL and process (stop/continue it by PID)."""
+
+    name: str
+    url: str
+    peer: str
+    data: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the member hangs (connections are accepted by the kernel, nothing answers)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _answers(url: str, context: ssl.SSLContext | None = None) -> bool:
+    try:
+        req = urllib.request.Request(url + "/v3/kv/range", data=json.dumps({"key": "eA=="}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=1, context=context) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class EtcdCluster:
+    """``size`` real etcd members on 127.0.0.1 (see :func:`etcd_cluster`); members can be paused, stopped and
+    started again."""
+
+    def __init__(self, size: int, root: Path) -> None:
+        self.root = root
+        self.members = [Member(f"m{i}", f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}",
+                               root / f"m{i}") for i in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        """Every member's client URL."""
+        return [m.url for m in self.members]
+
+    def start(self, member: Member, state: str = "new") -> None:
+        """Start ``member`` (its data dir is kept across stop/start)."""
+        initial = ",".join(f"{m.name}={m.peer}" for m in self.members)
+        log = open(self.root / f"{member.name}.log", "ab")
+        member.proc = subprocess.Popen(
+            [ETCD, "--name", member.name, "--data-dir", str(member.data), "--listen-client-urls", member.url,
+             "--advertise-client-urls", member.url, "--listen-peer-urls", member.peer,
+             "--initial-advertise-peer-urls", member.peer, "--initial-cluster", initial,
+             "--initial-cluster-state", state, "--log-level", "error"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def stop(self, member: Member) -> None:
+        """Stop ``member`` by PID (SIGKILL after 10 s)."""
+        proc, member.proc = member.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGCONT)  # a paused member cannot handle SIGTERM
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every running member answers a (quorum) read."""
+        deadline = time.monotonic() + timeout
+        while not all(_answers(m.url) for m in self.members if m.proc is not None):
+            dead = [m.name for m in self.members if m.proc is not None and m.proc.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = "".join((self.root / f"{m.name}.log").read_text()[-800:] for m in self.members)
+                raise RuntimeError(f"etcd cluster not ready (exited: {dead}): {logs}")
+            time.sleep(0.1)
+
+
+@contextmanager
+def etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
+    """Start a ``size``-member etcd cluster on loopback; stop every member (by PID) and remove the data after."""
+    cluster = EtcdCluster(size, Path(tempfile.mkdtemp(prefix="etcdc-")))
+    try:
+        for m in cluster.members:
+            cluster.start(m)
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        for m in cluster.members:
+            cluster.stop(m)
+        shutil.rmtree(cluster.root, ignore_errors=True)
