@@ -128,9 +128,9 @@ class APIClient:
 
     async def create_csr(
         self, request_pem: bytes, signer_name: str, usages: list[str], *, generate_name: str = "node-csr-",
-        expiration_seconds: int | None = None,
+        expiration_seconds: int | None = None, name: str | None = None,
     ) -> dict[str, Any]:
-        """POST a CertificateSigningRequest; returns the created object (with its server-assigned name)."""
+        """POST a CertificateSigningRequest named ``name`` (else a server-assigned name); the created object."""
         spec: dict[str, Any] = {
             "request": base64.b64encode(request_pem).decode("ascii"),
             "signerName": signer_name,
@@ -141,7 +141,7 @@ class APIClient:
         body = {
             "apiVersion": "certificates.k8s.io/v1",
             "kind": "CertificateSigningRequest",
-            "metadata": {"generateName": generate_name},
+            "metadata": {"name": name} if name else {"generateName": generate_name},
             "spec": spec,
         }
         return _object(await self.request("POST", CSR_PATH, body))

@@ -252,6 +252,9 @@ class EtcdStore:
     async def release_lock(self, fence: Fence) -> None:
         await self.locks.release(fence)
 
+    def endpoint_health(self) -> dict[str, bool]:
+        return dict(self.etcd.healthy)
+
     async def check_schema(self) -> None:
         await self.locks.check_schema()
 

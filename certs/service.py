@@ -194,6 +194,14 @@ class CertService:
             except StoreError as exc:  # it expires by itself after lock_ttl
                 log.warning("could not release the store lock %s: %s", name, exc)
 
+    def store_check(self) -> str | None:
+        """Readiness of the store (``/readyz/store``): a reason when no endpoint of it answered its last attempt.
+        Passive: the signer loop reads the store every few seconds, which keeps this fresh."""
+        health = self.store.endpoint_health()
+        if health and not any(health.values()):
+            return f"no store endpoint answered its last request ({', '.join(sorted(health))})"
+        return None
+
     def _visible(self, caller: Identity, csr: CSR) -> bool:
         return caller.is_admin or csr.username == caller.user
 

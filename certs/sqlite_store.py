@@ -236,6 +236,9 @@ class SQLiteStore:
         await self._q("DELETE FROM locks WHERE name = ? AND owner = ? AND token = ?", fence.name, fence.owner,
                       fence.token)
 
+    def endpoint_health(self) -> dict[str, bool]:
+        return {}
+
     async def check_schema(self) -> None:
         return None  # checked (and upgraded) when the file is opened
 

@@ -182,6 +182,10 @@ class Store(Protocol):
         """Release the lock if it is still the one ``fence`` proves (otherwise nothing happens)."""
         ...
 
+    def endpoint_health(self) -> dict[str, bool]:
+        """Each endpoint of a networked store and whether its last attempt was served (etcd); {} for a file."""
+        ...
+
     async def check_schema(self) -> None:
         """Make sure the store's layout is this version's (writing the version on a new store); raises
         :class:`StoreError` when an older version's locks are still live (stop every master before upgrading) or a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -212,3 +214,75 @@ def etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
         for m in cluster.members:
             cluster.stop(m)
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+class EtcdRelay:
+    """A TCP relay on 127.0.0.1 in front of one etcd member, with faults a test switches on and off: ``delay``
+    (seconds each request chunk is held: an etcd that answers late), ``swallow`` (requests reach etcd, answers never
+    come back: a timeout after the write was applied) and ``error`` (answer 503 itself without reaching etcd: a member
+    that cannot serve). Use as ``async with EtcdRelay(url) as relay_url:``."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.delay = 0.0
+        self.swallow = False
+        self.error = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if upstream and self.delay:
+                    await asyncio.sleep(self.delay)
+                if not upstream and self.swallow:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.error:
+            await reader.read(65536)
+            body = b'{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}'
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        for t in (asyncio.create_task(self._pipe(reader, up_w, True)),
+                  asyncio.create_task(self._pipe(up_r, writer, False))):
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def __aenter__(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            current = asyncio.current_task()
+            if current is not None:
+                self._track(current)  # type: ignore[arg-type]
+            await self._serve(reader, writer)
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()

@@ -3,12 +3,16 @@ issued through the other, and a pending CSR survives restarting both daemons."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from certs.api import CSR_PATH
@@ -105,3 +109,41 @@ async def test_daemon_and_admin_cli_use_etcd_over_mutual_tls(work: Path) -> None
         bare = write_config(work / "n", "127.0.0.1", store="etcd", etcd=url, etcd_tls=f'etcd_ca = "{tls.ca}"\n')
         refused = cli("token", "list", "--config", str(bare.path))
         assert refused.returncode != 0 and "etcd" in refused.stderr, refused.stderr
+
+
+async def _status(cfg_socket: Path, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(cfg_socket))) as s:
+        async with s.get("http://localhost" + path) as r:
+            return r.status, await r.text()
+
+
+async def test_store_readiness_and_endpoint_metric(work: Path) -> None:
+    """`/readyz/store` and `tunneld_store_endpoint_healthy{endpoint}` follow the etcd endpoints the daemon uses: a
+    dead endpoint is 0 beside a live 1, and with etcd gone the readiness check fails with the reason."""
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    daemon = None
+    with running_etcd() as url:
+        cfg = write_config(work / "m", "127.0.0.1", store="etcd", etcd=f"{dead}\", \"{url}")
+        assert cli("ca", "init", "--config", str(cfg.path), "--no-ssh").returncode == 0
+        daemon = Daemon(cfg)
+        await daemon.start()
+        want = {f'tunneld_store_endpoint_healthy{{endpoint="{dead}"}} 0.0',
+                f'tunneld_store_endpoint_healthy{{endpoint="{url}"}} 1.0'}
+        for _ in range(100):  # the signer loop's first pass tries both
+            _, metrics = await _status(cfg.socket, "/metrics")
+            if want <= set(metrics.splitlines()):
+                break
+            await asyncio.sleep(0.1)
+        assert want <= set(metrics.splitlines()), metrics
+        assert await _status(cfg.socket, "/readyz/store") == (200, "ok")
+    try:
+        for _ in range(100):  # etcd is gone: the next signer pass finds no endpoint
+            code, text = await _status(cfg.socket, "/readyz/store?verbose")
+            if code != 200:
+                break
+            await asyncio.sleep(0.1)
+        assert code == 500 and "no store endpoint answered its last request" in text, (code, text)
+    finally:
+        assert await daemon.stop() == 0

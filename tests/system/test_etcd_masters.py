@@ -27,7 +27,7 @@ from certs.service import CertService
 from certs.signers import NodeInventory
 from certs.store import LockLost, StoreError
 from tests.certs_util import body, make_request
-from tests.etcdbed import ETCD, EtcdCluster, etcd_cluster
+from tests.etcdbed import ETCD, EtcdCluster, EtcdRelay, etcd_cluster
 from tests.master_proc import SHARED
 from tests.waiting import wait_for
 
@@ -144,57 +144,10 @@ async def test_master_stopped_past_its_lease_never_completes(cluster: EtcdCluste
         await store.close()
 
 
-class Slowable:
-    """A TCP relay to an etcd member whose client-to-server direction can be made slow (``delay`` seconds per
-    chunk): the master behind it sees an etcd that answers late."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("http://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.delay = 0.0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if slow and self.delay:
-                    await asyncio.sleep(self.delay)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        for t in (asyncio.create_task(self._pipe(reader, up_w, True)),
-                  asyncio.create_task(self._pipe(up_r, writer, False))):
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-
-    async def __aenter__(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-
 class SlowDownInDecide:
     """Auto-approve, but the first decision makes this master's etcd slow (past the lock's TTL) first."""
 
-    def __init__(self, inner: Policy, relay: Slowable, delay: float) -> None:
+    def __init__(self, inner: Policy, relay: EtcdRelay, delay: float) -> None:
         self.inner, self.name, self.relay, self.delay = inner, inner.name, relay, delay
 
     def decide(self, csr: CSR, req: Request, ctx: Context) -> Decision:
@@ -206,7 +159,7 @@ async def test_master_whose_etcd_is_slow_never_completes(cluster: EtcdCluster, c
     """Master A's etcd turns slow while A holds node-1's lock: A's keepalives and its write arrive after the lease
     ended; B decides meanwhile; A's late write fails the fence. One certificate."""
     prefix = "/t/slow"
-    relay = Slowable(cluster.urls[0])
+    relay = EtcdRelay(cluster.urls[0])
     async with relay as via:
         slow_store = EtcdStore([via], prefix=prefix, timeout=20)
         store = EtcdStore(cluster.urls, prefix=prefix)
