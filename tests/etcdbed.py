@@ -30,12 +30,6 @@ from certs.files import write_secret
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cn(name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
@@ -77,7 +71,7 @@ def running_etcd(timeout: float = 20.0, tls: EtcdTLS | None = None) -> Iterator[
     With ``tls``: clients must use https and present a certificate signed by ``tls.ca``.
     """
     data = Path(tempfile.mkdtemp(prefix="etcd-"))
-    client, peer = _free_port(), _free_port()
+    client, peer = _distinct_ports(2)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{client}"
     tls_args: list[str] = []
     context = None
@@ -157,7 +151,8 @@ class EtcdCluster:
 
     def __init__(self, size: int, root: Path) -> None:
         self.root = root
-        self.members = [Member(f"m{i}", f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}",
+        ports = _distinct_ports(2 * size)
+        self.members = [Member(f"m{i}", f"http://127.0.0.1:{ports[2 * i]}", f"http://127.0.0.1:{ports[2 * i + 1]}",
                                root / f"m{i}") for i in range(size)]
 
     @property
@@ -201,14 +196,36 @@ class EtcdCluster:
             time.sleep(0.1)
 
 
-@contextmanager
-def etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
-    """Start a ``size``-member etcd cluster on loopback; stop every member (by PID) and remove the data after."""
-    cluster = EtcdCluster(size, Path(tempfile.mkdtemp(prefix="etcdc-")))
+def _distinct_ports(n: int) -> list[int]:
+    """``n`` different free ports (all bound at once while picking, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
     try:
-        for m in cluster.members:
-            cluster.start(m)
-        cluster.wait_ready()
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextmanager
+def etcd_cluster(size: int = 3, attempts: int = 3) -> Iterator[EtcdCluster]:
+    """Start a ``size``-member etcd cluster on loopback (new ports if one was taken meanwhile); stop every member
+    (by PID) and remove the data after."""
+    for attempt in range(attempts):
+        cluster = EtcdCluster(size, Path(tempfile.mkdtemp(prefix="etcdc-")))
+        try:
+            for m in cluster.members:
+                cluster.start(m)
+            cluster.wait_ready()
+            break
+        except RuntimeError as exc:
+            for m in cluster.members:
+                cluster.stop(m)
+            shutil.rmtree(cluster.root, ignore_errors=True)
+            if "address already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+    try:
         yield cluster
     finally:
         for m in cluster.members:
@@ -217,15 +234,15 @@ def etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
 
 
 class EtcdRelay:
-    """A TCP relay on 127.0.0.1 in front of one etcd member, with faults a test switches on and off: ``delay``
-    (seconds each request chunk is held: an etcd that answers late), ``swallow`` (requests reach etcd, answers never
-    come back: a timeout after the write was applied) and ``error`` (answer 503 itself without reaching etcd: a member
-    that cannot serve). Use as ``async with EtcdRelay(url) as relay_url:``."""
+    """A TCP relay on 127.0.0.1 in front of one etcd member, with faults a test switches on and off:
+    :meth:`stall` (requests are held until a moment: an etcd that answers late for a while), ``swallow`` (requests
+    reach etcd, answers never come back: a timeout after the write was applied) and ``error`` (answer 503 itself
+    without reaching etcd: a member that cannot serve). Use as ``async with EtcdRelay(url) as relay_url:``."""
 
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("http://").rsplit(":", 1)
         self.target = (host, int(port))
-        self.delay = 0.0
+        self.slow_until = 0.0
         self.swallow = False
         self.error = False
         self._server: asyncio.Server | None = None
@@ -234,8 +251,8 @@ class EtcdRelay:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
         try:
             while data := await reader.read(65536):
-                if upstream and self.delay:
-                    await asyncio.sleep(self.delay)
+                if upstream and (wait := self.slow_until - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
                 if not upstream and self.swallow:
                     continue
                 writer.write(data)
@@ -264,6 +281,15 @@ class EtcdRelay:
                   asyncio.create_task(self._pipe(up_r, writer, False))):
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
+
+    def stall(self, seconds: float) -> None:
+        """Hold every request sent in the next ``seconds`` until they have passed (0: no more holding)."""
+        self.slow_until = time.monotonic() + seconds if seconds > 0 else 0.0
+
+    @property
+    def stalled(self) -> bool:
+        """Whether requests are being held now."""
+        return self.slow_until > time.monotonic()
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)

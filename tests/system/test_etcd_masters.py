@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -149,9 +150,11 @@ class SlowDownInDecide:
 
     def __init__(self, inner: Policy, relay: EtcdRelay, delay: float) -> None:
         self.inner, self.name, self.relay, self.delay = inner, inner.name, relay, delay
+        self.stalled = False
 
     def decide(self, csr: CSR, req: Request, ctx: Context) -> Decision:
-        self.relay.delay = self.delay
+        self.relay.stall(self.delay)
+        self.stalled = True
         return self.inner.decide(csr, req, ctx)
 
 
@@ -163,12 +166,12 @@ async def test_master_whose_etcd_is_slow_never_completes(cluster: EtcdCluster, c
     async with relay as via:
         slow_store = EtcdStore([via], prefix=prefix, timeout=20)
         store = EtcdStore(cluster.urls, prefix=prefix)
-        a = _local(slow_store, ca_dir, ["node-1"], SlowDownInDecide(make_policy("auto-approve-group"), relay,
-                                                                    2.5 * TTL))
+        slow_down = SlowDownInDecide(make_policy("auto-approve-group"), relay, 2.5 * TTL)
+        a = _local(slow_store, ca_dir, ["node-1"], slow_down)
         b = _local(store, ca_dir, ["node-1"])
         try:
             late = asyncio.create_task(a.create(SHARED, body(make_request("system:node:node-1")[0], name="slow-a")))
-            await wait_for(lambda: relay.delay > 0, 10, "A deciding")
+            await wait_for(lambda: slow_down.stalled, 10, "A deciding")
             started = time.monotonic()
             while not await _lock_gone(store, "node-1"):
                 assert time.monotonic() - started < 4 * TTL, "A's lease outlived its TTL"
@@ -179,32 +182,33 @@ async def test_master_whose_etcd_is_slow_never_completes(cluster: EtcdCluster, c
                 await asyncio.wait_for(late, 30)
             assert [c.name for c in await _first_certs(store, "node-1")] == ["fast-b"]
         finally:
-            relay.delay = 0
+            relay.stall(0)
             await slow_store.close()
             await store.close()
 
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime (Debian package faketime) not installed")
 async def test_clocks_four_hours_apart_still_give_one_certificate(cluster: EtcdCluster, ca_dir: Path) -> None:
-    """One master at +2 h, one at -2 h (faketime), both asked for the same five nodes at once, twice: one first
-    certificate per node. (With wall-clock lock expiry the +2 h master saw every lock of the other as expired.)"""
+    """A master at -2 h (faketime) is deciding a node's first certificate (slowly: 0.8 s) when a master at +2 h is
+    asked for the same node: the second waits for the first and denies, for each of four nodes; one certificate each.
+    (With wall-clock lock expiry the +2 h master saw the other's lock as long expired and approved a second.)"""
     prefix = "/t/clocks"
-    nodes = [f"node-{i}" for i in range(5)]
+    nodes = [f"node-{i}" for i in range(4)]
     store = EtcdStore(cluster.urls, prefix=prefix)
     try:
         async with master(cluster, prefix, ca_dir, ",".join(nodes), clock="+2h") as ahead, \
-                master(cluster, prefix, ca_dir, ",".join(nodes), clock="-2h") as behind:
-            for round_ in range(2):
-                for n in nodes:
-                    await ahead.send(f"create r{round_}-ahead-{n} {n}")
-                    await behind.send(f"create r{round_}-behind-{n} {n}")
-                answers = [await m.read() for m in (ahead, behind) for _ in nodes]
-                assert all("state" in a or a.get("error") == "Contended" for a in answers), answers
-                for m in (ahead, behind):
-                    await m.send("sign")
-                    assert "signed" in await m.read()
+                master(cluster, prefix, ca_dir, ",".join(nodes), "--hold", "0.8", clock="-2h") as behind:
+            for n in nodes:
+                await behind.send(f"create behind-{n} {n}")
+                assert await behind.read() == {"deciding": f"behind-{n}"}
+                await ahead.send(f"create ahead-{n} {n}")
+                assert await behind.read() == {"name": f"behind-{n}", "state": "Approved"}
+                assert await ahead.read() == {"name": f"ahead-{n}", "state": "Denied"}
+            for m in (ahead, behind):
+                await m.send("sign")
+                assert "signed" in await m.read()
         for n in nodes:
-            assert len(await _first_certs(store, n)) == 1, n
+            assert [c.name for c in await _first_certs(store, n)] == [f"behind-{n}"]
     finally:
         await store.close()
 
@@ -242,3 +246,58 @@ async def test_a_lock_whose_holder_vanished_is_freed_by_etcd(cluster: EtcdCluste
     finally:
         await b.close()
         await raw.close()
+
+
+class RandomStall:
+    """Auto-approve; with probability ``p`` the decision first makes this master's etcd stall past the lock's TTL."""
+
+    def __init__(self, relay: EtcdRelay, rng: random.Random, p: float) -> None:
+        self.inner = make_policy("auto-approve-group")
+        self.name, self.relay, self.rng, self.p = self.inner.name, relay, rng, p
+
+    def decide(self, csr: CSR, req: Request, ctx: Context) -> Decision:
+        if self.rng.random() < self.p:
+            self.relay.stall(2.5 * TTL)
+        return self.inner.decide(csr, req, ctx)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1])  # more seeds: edit here (about 12 s each)
+async def test_racing_masters_with_stalls_and_restarts_never_issue_twice(cluster: EtcdCluster, ca_dir: Path,
+                                                                         seed: int) -> None:
+    """Four masters ask for the same three nodes at once, round after round, while a random master's etcd turns slow
+    past the lock's TTL in the middle of a decision and a random member is restarted between rounds: never two
+    first certificates for one node."""
+    rng = random.Random(seed)
+    relays = [EtcdRelay(cluster.urls[i % 3]) for i in range(4)]
+    async with contextlib.AsyncExitStack() as stack:
+        vias = [await stack.enter_async_context(r) for r in relays]
+        stores = [EtcdStore([via], prefix=f"/t/race-{seed}", timeout=10) for via in vias]
+        check = EtcdStore(cluster.urls, prefix=f"/t/race-{seed}")
+        nodes = [f"r{r}-n{i}" for r in range(3) for i in range(3)]
+        masters = [_local(s, ca_dir, nodes, RandomStall(relay, rng, 0.15)) for s, relay in zip(stores, relays,
+                                                                                             strict=True)]
+        try:
+            for round_ in range(3):
+                restarted = rng.choice(cluster.members) if round_ else None
+                if restarted is not None:
+                    cluster.stop(restarted)
+                asks = [m.create(SHARED, body(make_request(f"system:node:{n}")[0], name=f"{n}-by-{i}"))
+                        for n in nodes[3 * round_:3 * round_ + 3] for i, m in enumerate(masters)]
+                rng.shuffle(asks)
+                results = await asyncio.gather(*asks, return_exceptions=True)
+                assert all(isinstance(r, CSR | StoreError) for r in results), results
+                if restarted is not None:
+                    cluster.start(restarted)
+            for relay in relays:
+                relay.stall(0)
+            cluster.wait_ready()
+            for m in masters:
+                with contextlib.suppress(StoreError):
+                    await m.sign_ready()
+            for n in nodes:
+                assert len(await _first_certs(check, n)) <= 1, (seed, n)
+            assert sum([len(await _first_certs(check, n)) for n in nodes]) >= 3, seed  # the race did decide
+        finally:
+            for s in (*stores, check):
+                await s.close()
