@@ -245,6 +245,8 @@ class EtcdRelay:
         self.slow_until = 0.0
         self.swallow = False
         self.error = False
+        self.error_answer = (503, "Service Unavailable", "etcdserver: no leader")
+        """(status, reason phrase, etcd message) answered while ``error`` is set."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -265,9 +267,10 @@ class EtcdRelay:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.error:
             await reader.read(65536)
-            body = b'{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}'
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            code, phrase, message = self.error_answer
+            body = json.dumps({"error": message, "message": message, "code": 14}).encode()
+            writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (code, phrase.encode(), len(body), body))
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.drain()
             writer.close()

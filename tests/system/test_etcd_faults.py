@@ -17,7 +17,7 @@ from certs.csr import CSR
 from certs.etcd_store import EtcdStore
 from certs.service import CertService
 from certs.signers import NodeInventory
-from certs.store import AlreadyExists, StoreError
+from certs.store import AlreadyExists, AuditRecord, StoreError
 from tests.certs_util import body, make_request
 from tests.etcdbed import ETCD, EtcdCluster, EtcdRelay, etcd_cluster
 from tests.master_proc import SHARED
@@ -67,6 +67,28 @@ async def test_a_create_whose_answer_was_lost_is_read_back(cluster: EtcdCluster)
             assert not store.etcd.healthy[via] and store.etcd.healthy[cluster.urls[1]]
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize("answer", [(408, "Request Timeout", "the client connection is closing"),
+                                    (503, "Service Unavailable", "etcdserver: request timed out")])
+async def test_a_member_that_cannot_serve_is_skipped(cluster: EtcdCluster, answer: tuple[int, str, str]) -> None:
+    """An endpoint answering 408 (a member shutting down) or 503 is skipped at once, for reads and writes alike, and
+    remembered as unhealthy."""
+    relay = EtcdRelay(cluster.urls[0])
+    relay.error, relay.error_answer = True, answer
+    async with relay as via:
+        prefix = f"/t/cannot-serve-{answer[0]}"
+        writer, reader = EtcdStore([via, cluster.urls[1]], prefix=prefix), EtcdStore([via, cluster.urls[1]], prefix)
+        try:
+            started = time.monotonic()
+            await writer.append_audit(AuditRecord.now("x", "created", "test"))  # refused first: read back, resent
+            assert [r.action for r in await reader.list_audit("x")] == ["created"]  # a read refused first
+            assert time.monotonic() - started < 2
+            for store in (writer, reader):
+                assert store.endpoint_health() == {via: False, cluster.urls[1]: True}
+        finally:
+            await writer.close()
+            await reader.close()
 
 
 async def _first_certificate(master: CertService, node: str) -> float:
