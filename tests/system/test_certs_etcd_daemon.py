@@ -4,10 +4,14 @@ issued through the other, and a pending CSR survives restarting both daemons."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -16,6 +20,7 @@ import aiohttp
 import pytest
 
 from certs.api import CSR_PATH
+from certs.etcd_client import EtcdClient, b64
 from tests.certs_daemon import Daemon, acli, cli, session, wait_for, write_config
 from tests.certs_util import body, make_request
 from tests.etcdbed import ETCD, EtcdTLS, running_etcd
@@ -147,3 +152,24 @@ async def test_store_readiness_and_endpoint_metric(work: Path) -> None:
         assert code == 500 and "no store endpoint answered its last request" in text, (code, text)
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_a_new_master_refuses_a_store_with_live_old_locks(work: Path) -> None:
+    """An older tunneld's wall-clock lock is still live in the store: `tunneld serve` of this version does not start,
+    and says to stop every master before upgrading (one line, no traceback)."""
+    with running_etcd() as url:
+        cfg = write_config(work / "m", "127.0.0.1", store="etcd", etcd=url, etcd_prefix="/upgrading")
+        assert cli("ca", "init", "--config", str(cfg.path), "--no-ssh").returncode == 0
+        raw = EtcdClient([url])
+        try:
+            old = json.dumps({"owner": "v1-master/csr-x", "expires": time.time() + 120})
+            await raw.txn([], [{"request_put": {"key": b64("/upgrading/locks/first-kubelet-client/node-1"),
+                                                "value": b64(old)}}])
+        finally:
+            await raw.close()
+        out = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "tunneld", "serve", "--config", str(cfg.path), "--grace", "1"],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out.stderr
+        assert "cannot start" in out.stderr and "stop every master before upgrading" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr, out.stderr
