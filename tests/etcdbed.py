@@ -285,6 +285,16 @@ class EtcdRelay:
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
+    def cut(self) -> None:
+        """Close every connection relayed now (clients must connect again, and then meet ``error`` if it is set)."""
+        for t in list(self._tasks):
+            t.cancel()
+
+    @property
+    def connections(self) -> int:
+        """Relayed connections (their pipe tasks) still open."""
+        return len(self._tasks)
+
     def stall(self, seconds: float) -> None:
         """Hold every request sent in the next ``seconds`` until they have passed (0: no more holding)."""
         self.slow_until = time.monotonic() + seconds if seconds > 0 else 0.0

@@ -21,6 +21,7 @@ from certs.store import AlreadyExists, AuditRecord, StoreError
 from tests.certs_util import body, make_request
 from tests.etcdbed import ETCD, EtcdCluster, EtcdRelay, etcd_cluster
 from tests.master_proc import SHARED
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason=f"etcd binary not found at {ETCD}")
 
@@ -89,6 +90,34 @@ async def test_a_member_that_cannot_serve_is_skipped(cluster: EtcdCluster, answe
         finally:
             await writer.close()
             await reader.close()
+
+
+async def test_a_lock_whose_release_failed_is_cleared_while_its_master_lives(cluster: EtcdCluster) -> None:
+    """A release that fails (the member cannot serve) would leave the lock under a lease its master keeps alive, and
+    the node blocked for every other master: the master's keepalive loop clears it within a few seconds."""
+    relay = EtcdRelay(cluster.urls[0])
+    async with relay as via:
+        a, b = EtcdStore([via], prefix="/t/stray"), EtcdStore(cluster.urls, prefix="/t/stray")
+        try:
+            fence = await a.acquire_lock("first-kubelet-client/n1", "a/csr-1", 2)
+            assert fence is not None
+            relay.error = True
+            relay.cut()
+            await wait_for(lambda: relay.connections == 0, 5, "the relayed connections closed")
+            with pytest.raises(StoreError):
+                await a.release_lock(fence)
+            relay.error = False
+            assert await b.acquire_lock("first-kubelet-client/n1", "b/csr-2", 2) is None  # still held under a's lease
+            started = time.monotonic()
+            while (taken := await b.acquire_lock("first-kubelet-client/n1", "b/csr-2", 2)) is None:
+                assert time.monotonic() - started < 8, "the stray lock was never cleared"
+                await asyncio.sleep(0.2)
+            assert taken.token != fence.token
+            assert a.locks.lease is not None  # a's lease lived on all along: the lock was cleared, not expired
+            assert (await b.etcd.get(b.locks.key("first-kubelet-client/n1")) or {}).get("lease") != str(a.locks.lease)
+        finally:
+            await a.close()
+            await b.close()
 
 
 async def _first_certificate(master: CertService, node: str) -> float:
