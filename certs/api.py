@@ -33,7 +33,7 @@ from cryptography import x509
 import netnames
 from certs.csr import ConditionConflict, CSRInvalid
 from certs.service import CertService, Forbidden, QuotaExceeded
-from certs.store import AlreadyExists, Conflict, Contended, NotFound, StoreError
+from certs.store import AlreadyExists, Conflict, Contended, InvalidContinue, NotFound, StoreError
 from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
 
 log = logging.getLogger("certs.api")
@@ -44,6 +44,8 @@ http_log = logging.getLogger("certs.http")
 CSR_PATH = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
 CLUSTER_INFO_PATH = "/api/v1/namespaces/kube-public/configmaps/cluster-info"
 MAX_BODY = 1024 * 1024
+MAX_LIMIT = 1000
+"""Largest page a list returns (``?limit=``)."""
 
 Authenticate = Callable[[web.Request], Awaitable[Identity | None]]
 
@@ -153,6 +155,8 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
             return status(400, "BadRequest", str(exc))
         except NotFound as exc:
             return status(404, "NotFound", str(exc))
+        except InvalidContinue as exc:
+            return status(410, "Expired", str(exc)) if exc.expired else status(400, "BadRequest", str(exc))
         except AlreadyExists as exc:
             return status(409, "AlreadyExists", str(exc))
         except (ConditionConflict, Conflict) as exc:
@@ -198,9 +202,19 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
 
     async def list_(request: web.Request) -> web.Response:
         who = await caller(request)
-        items = [c.to_dict() for c in await service.list(who)]
+        limit_text, token = request.query.get("limit", ""), request.query.get("continue", "")
+        meta: dict[str, str] = {}
+        if limit_text or token:
+            if not limit_text.isdigit() or not 0 < int(limit_text) <= MAX_LIMIT:
+                raise BadRequest(f"limit: a whole number from 1 to {MAX_LIMIT} is required")
+            page, nxt = await service.list_page(who, int(limit_text), token[:4096])
+            items = [c.to_dict() for c in page]
+            if nxt:
+                meta["continue"] = nxt
+        else:
+            items = [c.to_dict() for c in await service.list(who)]
         return web.json_response({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
-                                  "metadata": {}, "items": items})
+                                  "metadata": meta, "items": items})
 
     async def get(request: web.Request) -> web.Response:
         who = await caller(request)

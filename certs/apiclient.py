@@ -106,7 +106,7 @@ class APIClient:
         except aiohttp.ClientConnectorCertificateError as exc:
             raise APIUnavailable(f"{url}: the server's certificate is not trusted: {exc.certificate_error}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise APIUnavailable(f"{url}: {exc or type(exc).__name__}") from exc
+            raise APIUnavailable(f"{url}: {str(exc) or type(exc).__name__}") from exc
         try:
             answer = json.loads(raw) if raw else None
         except ValueError:
@@ -128,9 +128,9 @@ class APIClient:
 
     async def create_csr(
         self, request_pem: bytes, signer_name: str, usages: list[str], *, generate_name: str = "node-csr-",
-        expiration_seconds: int | None = None,
+        expiration_seconds: int | None = None, name: str | None = None,
     ) -> dict[str, Any]:
-        """POST a CertificateSigningRequest; returns the created object (with its server-assigned name)."""
+        """POST a CertificateSigningRequest named ``name`` (else a server-assigned name); the created object."""
         spec: dict[str, Any] = {
             "request": base64.b64encode(request_pem).decode("ascii"),
             "signerName": signer_name,
@@ -141,7 +141,7 @@ class APIClient:
         body = {
             "apiVersion": "certificates.k8s.io/v1",
             "kind": "CertificateSigningRequest",
-            "metadata": {"generateName": generate_name},
+            "metadata": {"name": name} if name else {"generateName": generate_name},
             "spec": spec,
         }
         return _object(await self.request("POST", CSR_PATH, body))

@@ -4,10 +4,11 @@ How it works
 ------------
 * **Check.** The node kubeconfig's user points at ``<cert-dir>/kubelet-client-current.pem`` (certificate + key). If it
   holds a certificate that is currently valid, nothing is done (``--rotate``: unless its renewal time has come).
-* **Request.** Otherwise a fresh ECDSA P-256 key is generated and a CSR (CN ``system:node:<name>``, O
-  ``system:nodes``, no SANs) is POSTed for signer ``kubernetes.io/kube-apiserver-client-kubelet`` with usages
-  ``digital signature`` + ``client auth``. The caller is the bootstrap token of the bootstrap kubeconfig, or, when
-  renewing a still-valid certificate, that certificate itself (mutual TLS).
+* **Request.** Otherwise a fresh ECDSA P-256 key is generated and written (:mod:`certs.pending`) before a CSR
+  named after it (CN ``system:node:<name>``, O ``system:nodes``, no SANs) is POSTed for signer
+  ``kubernetes.io/kube-apiserver-client-kubelet`` with usages ``digital signature`` + ``client auth``; a run after
+  one that gave up reuses the key, finds its CSR (409) and waits on it. The caller is the bootstrap token of the
+  bootstrap kubeconfig, or, when renewing a still-valid certificate, that certificate itself (mutual TLS).
 * **Wait.** The CSR is polled until it carries a certificate, or a ``Denied``/``Failed`` condition, or the timeout
   passes; progress lines are reported while waiting.
 * **Write.** The issued certificate must carry our public key and be signed by the cluster CA. Certificate and key
@@ -42,6 +43,7 @@ from cryptography.x509.oid import NameOID
 from certs.apiclient import APIClient, APIError, APIUnavailable, tls_context
 from certs.files import write_secret
 from certs.kubeconfig import KubeConfig, KubeconfigError, with_client_cert
+from certs.pending import csr_name, forget_pending, pending_key
 
 SIGNER = "kubernetes.io/kube-apiserver-client-kubelet"
 USAGES = ["digital signature", "client auth"]
@@ -117,9 +119,10 @@ def is_valid(cert: x509.Certificate, now: float) -> bool:
     return start <= now < end
 
 
-def generate_request(node_name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """A new P-256 key and the PEM CSR of ``system:node:<node_name>`` in group ``system:nodes``."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def generate_request(node_name: str, key: ec.EllipticCurvePrivateKey | None = None
+                     ) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """``key`` (default: a new P-256 key) and the PEM CSR of ``system:node:<node_name>`` in group ``system:nodes``."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:nodes"),
         x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{node_name}"),
@@ -237,17 +240,34 @@ async def request_certificate(
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[x509.Certificate, bytes, ec.EllipticCurvePrivateKey, str]:
     """Submit a CSR for ``node_name`` through ``api`` and wait for the certificate (or a refusal, or the timeout)."""
-    key, csr_pem = generate_request(node_name)
+    try:
+        return await _request(api, node_name, opts, ca_pem, progress, clock)
+    except (CSRDenied, CSRFailed):
+        forget_pending(opts.cert_dir)  # refused for good: the next request starts with a new key
+        raise
+
+
+async def _request(
+    api: APIClient, node_name: str, opts: Options, ca_pem: bytes, progress: Progress, clock: Callable[[], float],
+) -> tuple[x509.Certificate, bytes, ec.EllipticCurvePrivateKey, str]:
+    key, csr_pem = generate_request(node_name, pending_key(opts.cert_dir))
+    name = csr_name(key)
     start = clock()
     try:
-        created = await api.create_csr(csr_pem, SIGNER, USAGES, expiration_seconds=opts.expiration_seconds)
+        created = await api.create_csr(csr_pem, SIGNER, USAGES, expiration_seconds=opts.expiration_seconds,
+                                       name=name)
     except APIError as exc:
-        raise BootstrapError(f"the API server refused the CSR: {exc}") from exc
+        if exc.code >= 500:
+            raise BootstrapError(f"the API server could not take the CSR now: {exc}") from exc
+        if exc.code != 409:
+            raise CSRFailed(f"the API server refused the CSR: {exc}") from exc
+        progress(f"certificate signing request {name} exists (an earlier attempt); waiting on it")
+        try:
+            created = await api.get_csr(name)
+        except (APIError, APIUnavailable) as again:
+            raise BootstrapError(f"reading the earlier CSR {name}: {again}") from again
     except APIUnavailable as exc:
         raise BootstrapError(f"cannot submit the CSR: {exc}") from exc
-    name = str(created["metadata"].get("name") or "")
-    if not name:
-        raise BootstrapError("the API server did not name the CSR")
     progress(f"submitted certificate signing request {name} for system:node:{node_name} (signer {SIGNER})")
     obj = created
     announced_approval = False
@@ -349,6 +369,7 @@ async def obtain(opts: Options, progress: Progress, *, renew: bool = False, now:
         raise BootstrapError(str(exc)) from exc
     credentials = write_credentials(opts.cert_dir, cert_pem, key, time.time())
     write_kubeconfig(opts.kubeconfig, server, ca_pem, credentials)
+    forget_pending(opts.cert_dir)
     progress(f"certificate for system:node:{opts.node_name} written to {credentials} (serial "
              f"{cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC); kubeconfig "
              f"{opts.kubeconfig}")

@@ -15,6 +15,7 @@ Every step appends an audit record (who, when, why); the conditions carry the sa
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import logging
@@ -31,14 +32,16 @@ from certs.ca import CertificateAuthority
 from certs.csr import APPROVED, CONDITION_TYPES, CSR, DENIED, FAILED, ConditionConflict, CSRInvalid, from_request_body
 from certs.kubeconfig import cluster_only
 from certs.signers import DEFAULT_LIFETIME, KUBELET_CLIENT, NodeInventory, SignerRuleError, check, sign
-from certs.store import AuditRecord, Contended, NotFound, Store, StoreError, update_csr
+from certs.store import AuditRecord, Contended, Fence, LockLost, NotFound, Store, StoreError, update_csr
 from certs.tokens import Authenticator, Identity, StaticToken
 
 log = logging.getLogger("certs.service")
 
 STATES = ("Pending", "Approved", "Issued", "Denied", "Failed")
 LOCK_TTL = 30.0
-"""Seconds a master's lock on a node's first-certificate decision lasts if the master dies holding it."""
+"""Seconds a master's lock on a node's first-certificate decision outlives the master if it dies or stalls holding it
+(etcd: the lease TTL, timed by etcd; SQLite: by the host's clock). Whatever the master does after that, its writes
+under the lock fail (they are fenced)."""
 LOCK_WAIT = 5.0
 """How long a request waits for another master's decision about the same node before answering 503."""
 
@@ -72,8 +75,10 @@ class CertService:
         max_lifetime: dt.timedelta = DEFAULT_LIFETIME,
         clock: Callable[[], dt.datetime] = _utcnow,
         max_pending: int = DEFAULT_MAX_PENDING,
+        lock_ttl: float = LOCK_TTL,
     ) -> None:
         self.store = store
+        self.lock_ttl = lock_ttl
         self.ca = ca
         self.policy = policy
         self.inventory = inventory or NodeInventory()
@@ -113,7 +118,7 @@ class CertService:
                 cert = x509.load_pem_x509_certificate(other.certificate)
             except ValueError:
                 continue
-            if cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            if now < cert.not_valid_after_utc:  # not yet valid by our clock counts too: clocks differ
                 have.add(node)
         return Context(self.inventory, frozenset(have))
 
@@ -130,14 +135,19 @@ class CertService:
                 decision = None
                 await self.store.create_csr(csr)
             else:
-                async with self._first_certificate_lock(csr, req.node_name):
+                async with self._first_certificate_lock(csr, req.node_name) as fence:
                     decision = self.policy.decide(csr, req, await self._context())
                     actor = f"policy:{self.policy.name}"
                     if decision.outcome == APPROVE:
                         csr.add_condition(APPROVED, decision.reason, f"{decision.message} (by {actor})", now)
                     elif decision.outcome == DENY:
                         csr.add_condition(DENIED, decision.reason, f"{decision.message} (by {actor})", now)
-                    await self.store.create_csr(csr)
+                    try:
+                        await self.store.create_csr(csr, fence)
+                    except LockLost:
+                        log.warning("lost the lock for node %s while deciding %s: nothing stored", req.node_name,
+                                    csr.name, extra={"csr": csr.name})
+                        raise
         await self._audit(csr.name, "created", caller.user, "", f"signer {csr.signer_name} via {caller.method}")
         if decision is None:
             failed = csr.condition(FAILED)
@@ -161,26 +171,36 @@ class CertService:
                                 f"({self.max_pending}); wait for a decision or ask an administrator")
 
     @contextlib.asynccontextmanager
-    async def _first_certificate_lock(self, csr: CSR, node: str | None) -> AsyncIterator[None]:
-        """Around deciding and storing a kubelet client CSR from a shared credential (the node's first certificate):
-        hold the store's lock for that node, so masters sharing the store decide one at a time and a second request
-        sees the first one's certificate. Other CSRs need no lock."""
-        if csr.signer_name != KUBELET_CLIENT or csr.requester_node is not None or node is None:
-            yield
+    async def _first_certificate_lock(self, csr: CSR, node: str | None, wait: float | None = None
+                                      ) -> AsyncIterator[Fence | None]:
+        """Around deciding and storing a kubelet client CSR from a shared credential (the node's first certificate),
+        and around recording its certificate: hold the store's lock for that node, so masters sharing the store
+        decide one at a time and a second request sees the first one's certificate. Yields the lock's fence, which
+        the guarded writes carry (None for other CSRs, which need no lock)."""
+        if not _first_certificate(csr) or node is None:
+            yield None
             return
         name, owner = f"first-kubelet-client/{node}", f"{self._instance}/{csr.name}"
-        deadline = asyncio.get_running_loop().time() + LOCK_WAIT
-        while not await self.store.acquire_lock(name, owner, LOCK_TTL):
+        deadline = asyncio.get_running_loop().time() + (LOCK_WAIT if wait is None else wait)
+        while (fence := await self.store.acquire_lock(name, owner, self.lock_ttl)) is None:
             if asyncio.get_running_loop().time() > deadline:
                 raise Contended(f"another master is deciding a certificate for node {node!r}; try again")
             await asyncio.sleep(0.05)
         try:
-            yield
+            yield fence
         finally:
             try:
-                await self.store.release_lock(name, owner)
-            except StoreError as exc:  # it expires by itself after LOCK_TTL
+                await self.store.release_lock(fence)
+            except StoreError as exc:  # it expires by itself after lock_ttl
                 log.warning("could not release the store lock %s: %s", name, exc)
+
+    def store_check(self) -> str | None:
+        """Readiness of the store (``/readyz/store``): a reason when no endpoint of it answered its last attempt.
+        Passive: the signer loop reads the store every few seconds, which keeps this fresh."""
+        health = self.store.endpoint_health()
+        if health and not any(health.values()):
+            return f"no store endpoint answered its last request ({', '.join(sorted(health))})"
+        return None
 
     def _visible(self, caller: Identity, csr: CSR) -> bool:
         return caller.is_admin or csr.username == caller.user
@@ -188,6 +208,12 @@ class CertService:
     async def list(self, caller: Identity) -> list[CSR]:
         """Every CSR for administrators; a caller's own CSRs otherwise."""
         return [c for c in await self.store.list_csrs() if self._visible(caller, c)]
+
+    async def list_page(self, caller: Identity, limit: int, continue_token: str = "") -> tuple[builtins.list[CSR], str]:
+        """One page of :meth:`list` in name order (a page may hold fewer than ``limit`` of a non-admin's CSRs);
+        (items, continuation or "")."""
+        items, token = await self.store.list_csrs_page(limit, continue_token)
+        return [c for c in items if self._visible(caller, c)], token
 
     async def get(self, caller: Identity, name: str) -> CSR:
         """One CSR; raises :class:`~certs.store.NotFound` also when the caller may not see it."""
@@ -260,7 +286,11 @@ class CertService:
             if csr.state != APPROVED:
                 continue
             try:
-                done += await self._sign_one(csr)
+                node = _node_of(csr) if _first_certificate(csr) else None
+                async with self._first_certificate_lock(csr, node, wait=0.0) as fence:
+                    done += await self._sign_one(csr.name, fence)
+            except Contended as exc:  # another master is on it (or we lost the lock): the next pass looks again
+                log.info("not signing %s now: %s", csr.name, exc, extra={"csr": csr.name})
             except (asyncio.CancelledError, StoreError):
                 raise
             except Exception as exc:  # anything a hostile request provokes fails that request only
@@ -270,24 +300,36 @@ class CertService:
         self.counts = _count(await self.store.list_csrs() if done else csrs)
         return done
 
-    async def _sign_one(self, csr: CSR) -> int:
+    async def _sign_one(self, name: str, fence: Fence | None) -> int:
+        """Sign ``name`` if it is still approved without a certificate and record it, fenced by ``fence``. A
+        certificate whose recording fails is discarded: it never leaves this process."""
+        try:
+            csr = await self.store.get_csr(name)
+        except NotFound:
+            return 0  # an administrator deleted it
+        if csr.state != APPROVED:
+            return 0
         now = self.clock()
         try:
             pem = sign(self.ca, csr, self.inventory, now, self.max_lifetime)
         except SignerRuleError as exc:
-            return await self._fail(csr.name, "SignerValidationFailure", str(exc))
+            return await self._fail(name, "SignerValidationFailure", str(exc), fence)
         try:
-            await update_csr(self.store, csr.name, _with_certificate(pem))
+            await update_csr(self.store, name, _with_certificate(pem), fence=fence)
         except (ConditionConflict, NotFound):
             return 0  # another master issued it first, or an administrator deleted it
+        except LockLost:
+            log.warning("lost the lock before recording the certificate of %s: certificate discarded", name,
+                        extra={"csr": name})
+            raise
         serial = x509.load_pem_x509_certificate(pem).serial_number
-        await self._audit(csr.name, "issued", "signer", "Issued", f"serial {serial:x}")
+        await self._audit(name, "issued", "signer", "Issued", f"serial {serial:x}")
         return 1
 
-    async def _fail(self, name: str, reason: str, why: str) -> int:
+    async def _fail(self, name: str, reason: str, why: str, fence: Fence | None = None) -> int:
         """Add a ``Failed`` condition to ``name``; 0 when it changed meanwhile (already failed, issued, deleted)."""
         try:
-            await update_csr(self.store, name, _add(FAILED, reason, why, self.clock()))
+            await update_csr(self.store, name, _add(FAILED, reason, why, self.clock()), fence=fence)
         except (ConditionConflict, NotFound):
             return 0
         await self._audit(name, "failed", "signer", reason, why)
@@ -323,6 +365,11 @@ class CertService:
 
 def _add(kind: str, reason: str, message: str, now: dt.datetime) -> Callable[[CSR], object]:
     return lambda c: c.add_condition(kind, reason, message, now)
+
+
+def _first_certificate(csr: CSR) -> bool:
+    """A kubelet client CSR from a shared credential (not from the node itself): the node's first certificate."""
+    return csr.signer_name == KUBELET_CLIENT and csr.requester_node is None
 
 
 def _node_of(csr: CSR) -> str | None:

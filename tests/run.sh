@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the test suite needs (as root on Debian: OpenSSH server and client, iproute2, curl, etcd, systemd's
-# analyzer, iptables, systemd-nspawn and debootstrap; always: the Python package with its test extras), run ruff
+# analyzer, iptables, systemd-nspawn, debootstrap and faketime; always: the Python package with its test extras), run ruff
 # and mypy (either failing fails the run), then the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need[*]}"

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from certs.store import AlreadyExists, AuditRecord, Conflict, NotFound, Store, update_csr
+from certs.store import AlreadyExists, AuditRecord, Conflict, Fence, LockLost, NotFound, Store, update_csr
 from certs.tokens import Identity, new_bootstrap_token
 from tests.certs_util import make_csr
 
@@ -77,20 +77,36 @@ async def check_store_contract(store: Store) -> None:
 
 
 async def check_lock_contract(a: Store, b: Store) -> None:
-    """Named locks two masters (``a`` and ``b`` on the same data) use to decide one thing at a time."""
-    assert await a.acquire_lock("node/n1", "master-a", 30) is True
-    assert await b.acquire_lock("node/n1", "master-b", 30) is False  # held by a
-    assert await a.acquire_lock("node/n1", "master-a", 30) is True  # the owner may renew
-    assert await b.acquire_lock("node/n2", "master-b", 30) is True  # another name is independent
-    await b.release_lock("node/n1", "master-b")  # not b's: nothing happens
-    assert await b.acquire_lock("node/n1", "master-b", 30) is False
-    await a.release_lock("node/n1", "master-a")
-    assert await b.acquire_lock("node/n1", "master-b", 30) is True
-    # A lock whose holder vanished expires: after its ttl anyone may take it.
-    assert await a.acquire_lock("node/n3", "crashed", 0.2) is True
-    assert await b.acquire_lock("node/n3", "master-b", 30) is False
-    await asyncio.sleep(0.3)
-    assert await b.acquire_lock("node/n3", "master-b", 30) is True
+    """Named locks two masters (``a`` and ``b`` on the same data) use to decide one thing at a time, and the fence
+    that makes a write under a lock fail once the lock is no longer its holder's."""
+    held = await a.acquire_lock("node/n1", "master-a", 30)
+    assert held is not None
+    assert await b.acquire_lock("node/n1", "master-b", 30) is None  # held by a
+    assert await a.acquire_lock("node/n1", "master-a", 30) == held  # the owner may take it again: same fence
+    other = await b.acquire_lock("node/n2", "master-b", 30)  # another name is independent
+    assert other is not None
+    await b.release_lock(Fence("node/n1", "master-b", held.token + 1000))  # not b's: nothing happens
+    assert await b.acquire_lock("node/n1", "master-b", 30) is None
+    # Writes fenced by a held lock go through.
+    created = await a.create_csr(make_csr(CALLER, name="fenced"), held)
+    created.add_condition("Approved", "T", "under the lock")
+    await a.replace_csr(created, held)
+    await a.release_lock(held)
+    taken = await b.acquire_lock("node/n1", "master-b", 30)
+    assert taken is not None and taken.token != held.token
+    # The old holder's fence is dead: its writes fail and store nothing, whatever it believes.
+    with pytest.raises(LockLost):
+        await a.create_csr(make_csr(CALLER, name="late"), held)
+    with pytest.raises(NotFound):
+        await a.get_csr("late")
+    stale = await a.get_csr("fenced")
+    stale.set_certificate(b"PEM")
+    with pytest.raises(LockLost):
+        await a.replace_csr(stale, held)
+    assert (await b.get_csr("fenced")).certificate is None
+    # A fenced create of an existing name is AlreadyExists, as without a fence.
+    with pytest.raises(AlreadyExists):
+        await b.create_csr(make_csr(CALLER, name="fenced"), taken)
     # Racing for a free lock: exactly one wins.
     won = await asyncio.gather(*(s.acquire_lock("node/n4", f"racer-{i}", 30) for i, s in enumerate([a, b, a, b])))
-    assert sum(won) == 1
+    assert sum(w is not None for w in won) == 1

@@ -84,13 +84,16 @@ class Gateway:
         self.certs = CertsDaemon(config) if config.api is not None else None
         """The certificates API, store and signer; only with ``[api]``."""
         self.pool = Pool(config.ssh, config.health, max_channels=config.limits.max_channels_per_tunnel)
-        self.metrics = Metrics(self.pool, self.csr_counts)
+        self.metrics = Metrics(self.pool, self.csr_counts,
+                               self.certs.store.endpoint_health if self.certs is not None else None)
         self.unchecked_dialer = InstrumentedDialer(TunnelDialer(self.pool, config.dial), self.metrics)
         """Metrics, then the tunnels: for the gateway's own requests (the dev cluster's self-check), never a front's."""
         self.dialer = PolicyDialer(self.unchecked_dialer, build_policy(config))
         """What the fronts dial through: the destination policy in front of :attr:`unchecked_dialer`."""
         self.sync = TunnelSync(self.pool, config.health.sync_max_age)
         self.health = HealthChecks(self.sync)
+        if self.certs is not None:
+            self.health.endpoints["readyz"]["store"] = self.certs.service.store_check
         self.directory = Directory(*directory_entries(config))
         self.tls = TLSFiles(config)
         """Every TLS context built from files; SIGHUP builds each one afresh."""

@@ -144,7 +144,9 @@ class CertsDaemon:
             shutil.rmtree(tmp, ignore_errors=True)
 
     async def start(self, tls: TLSFiles) -> None:
-        """Bind the API listener (its TLS a role of ``tls``, rebuilt on reload) and start the signer loop."""
+        """Check the store's version, bind the API listener (its TLS a role of ``tls``, rebuilt on reload) and start
+        the signer loop."""
+        await self.store.check_schema()
         host, port = split_host_port(self.settings.listen)
         await self.api.start(host, port, tls.server("certificates API", self.tls_context))
         self._signer = asyncio.create_task(self.service.run_signer(), name="csr-signer")

@@ -330,7 +330,19 @@ async def test_denied_timeout_and_discovery_refusals(short_dir: Path) -> None:
         # Nobody decides: bounded by --timeout, the CSR stays pending.
         rc, err = await run_once(node.argv("--timeout", "1.5"))
         assert rc == 1 and "still pending approval after 1.5s" in err, err
-        assert len(await csr_names(cfg)) == 2
+        names = await csr_names(cfg)
+        assert len(names) == 2  # after the denial, a new key and so a new CSR
+        pending = next(n for n in names if n != name)
+        assert (node.cert_dir / "kubelet-client-pending.key").exists()  # written before the CSR was sent
+
+        # The node gave up, the CSR was approved and issued afterwards: the retry asks with the same key and name
+        # and gets that certificate (not a second CSR, not a denial).
+        ok = await acli("csr", "approve", pending, "--config", str(cfg.path))
+        assert ok.returncode == 0, ok.stderr
+        rc, err = await run_once(node.argv("--timeout", "10"))
+        assert rc == 0 and f"certificate signing request {pending} exists" in err, err
+        assert node.current.exists() and not (node.cert_dir / "kubelet-client-pending.key").exists()
+        assert await csr_names(cfg) == names
 
         # Discovery refusals happen before any CSR exists.
         other_pin = CertificateAuthority.create().pin
@@ -348,7 +360,7 @@ async def test_denied_timeout_and_discovery_refusals(short_dir: Path) -> None:
         rc, err = await run_once(fresh.argv("--server", cfg.url), token)
         assert rc == 2 and "needs all of --server, --token and --ca-cert-hash" in err, err
         assert not fresh.bootstrap_kubeconfig.exists()
-        assert len(await csr_names(cfg)) == 2
+        assert await csr_names(cfg) == names
     finally:
         assert await daemon.stop() == 0
 

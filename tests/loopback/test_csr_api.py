@@ -25,7 +25,8 @@ from certs.kubeconfig import KubeConfig
 from certs.signers import KUBELET_SERVING
 from certs.tokens import new_bootstrap_token
 from tests.certs_api_env import ADMIN_TOKEN, Env, api_env
-from tests.certs_util import body, make_request
+from tests.certs_util import body, make_csr, make_request
+from tests.store_contract import CALLER
 from tests.waiting import wait_value
 
 from .conftest import next_base
@@ -221,3 +222,26 @@ async def test_local_socket_refuses_other_uids(env: Env) -> None:
     code, obj = await asyncio.to_thread(_curl_unix, env.socket, "GET", CSR_PATH)
     assert code == 200 and obj["kind"] == "CertificateSigningRequestList"
 
+
+
+async def test_list_pages_with_limit_and_continue(env: Env) -> None:
+    for name in ("p-c", "p-a", "p-e", "p-b", "p-d"):
+        await env.service.store.create_csr(make_csr(CALLER, name=name))
+    seen: list[str] = []
+    token = ""
+    async with env.client(ADMIN_TOKEN) as s:
+        for _ in range(5):
+            query = {"limit": "2", **({"continue": token} if token else {})}
+            async with s.get(CSR_PATH, params=query) as r:
+                assert r.status == 200, await r.text()
+                page = await r.json()
+            assert len(page["items"]) <= 2
+            seen += [i["metadata"]["name"] for i in page["items"]]
+            token = page["metadata"].get("continue", "")
+            if not token:
+                break
+        assert seen == ["p-a", "p-b", "p-c", "p-d", "p-e"]  # name order, each once, last page without continue
+        for query, why in (({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "x"}, "limit"),
+                           ({"limit": "2", "continue": "bm9wZQ"}, "continue")):
+            async with s.get(CSR_PATH, params=query) as r:
+                assert r.status == 400 and why in (await r.json())["message"], await r.text()

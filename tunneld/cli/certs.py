@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import json
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -310,22 +311,37 @@ def _duration(obj: dict[str, Any]) -> str:
 @config_option
 @socket_option
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def csr_list(config_path: str, socket_path: str | None, output: str) -> None:
+@click.option("--limit", type=click.IntRange(1, 1000), default=None,
+              help="Show one page of at most this many CSRs (in name order) and how to get the next.")
+@click.option("--continue", "continue_token", default="", help="The token a previous --limit page printed.")
+def csr_list(config_path: str, socket_path: str | None, output: str, limit: int | None,
+             continue_token: str) -> None:
     """List CSRs: name, age, signer, requestor, requested duration, condition."""
-    data = _call(_socket_path(config_path, socket_path), "GET", CSR_API)
+    sock = _socket_path(config_path, socket_path)
+    items: list[dict[str, Any]] = []
+    token = continue_token
+    for _ in range(10_000):  # without --limit: every page, 500 at a time
+        query = urllib.parse.urlencode({"limit": limit or 500, **({"continue": token} if token else {})})
+        data = _call(sock, "GET", f"{CSR_API}?{query}")
+        items += data["items"]
+        token = str(data.get("metadata", {}).get("continue") or "")
+        if limit or not token:
+            break
     if output == "json":
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps({**data, "items": items}, indent=2))
         return
     now = dt.datetime.now(dt.UTC)
     rows = [["NAME", "AGE", "SIGNERNAME", "REQUESTOR", "REQUESTEDDURATION", "CONDITION"]]
-    for obj in data["items"]:
+    for obj in items:
         created = _parse_time(obj["metadata"].get("creationTimestamp", ""))
         rows.append([obj["metadata"]["name"], _age(now - created) if created else "?", obj["spec"]["signerName"],
                      obj["spec"]["username"], _duration(obj), _condition(obj)])
     if len(rows) == 1:
         click.echo("No certificate signing requests.")
-        return
-    click.echo(_table(rows))
+    else:
+        click.echo(_table(rows))
+    if limit and token:
+        click.echo(f"more: tunneld csr list --limit {limit} --continue {token}", err=True)
 
 
 def _subject_lines(obj: dict[str, Any]) -> list[str]:

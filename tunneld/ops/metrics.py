@@ -31,7 +31,9 @@ DIAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pool: Pool, csr_counts: Callable[[], Mapping[str, int]] | None) -> None:
+    def __init__(self, pool: Pool, csr_counts: Callable[[], Mapping[str, int]] | None,
+                 store_health: Callable[[], Mapping[str, bool]] | None = None) -> None:
+        self._store_health = store_health
         self._pool = pool
         self._csr_counts = csr_counts
 
@@ -74,6 +76,13 @@ class _PoolCollector(Collector):
             for csr_state, count in sorted(counts.items()):
                 csr.add_metric([csr_state], count)
             yield csr
+        if self._store_health is not None and (health := self._store_health()):
+            store = GaugeMetricFamily("tunneld_store_endpoint_healthy",
+                                      "1 if the certificate store endpoint served its last request.",
+                                      labels=["endpoint"])
+            for endpoint, ok in sorted(health.items()):
+                store.add_metric([endpoint], 1 if ok else 0)
+            yield store
 
     def _csrs(self) -> Mapping[str, int] | None:
         if self._csr_counts is None:
@@ -88,7 +97,8 @@ class _PoolCollector(Collector):
 class Metrics:
     """The gateway's metrics registry and the instruments fed as things happen."""
 
-    def __init__(self, pool: Pool, csr_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
+    def __init__(self, pool: Pool, csr_counts: Callable[[], Mapping[str, int]] | None = None,
+                 store_health: Callable[[], Mapping[str, bool]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.connects = Counter("tunneld_tunnel_connects", "Successful SSH connections to nodes.",
                                 registry=self.registry)
@@ -101,7 +111,7 @@ class Metrics:
                                       buckets=DIAL_BUCKETS, registry=self.registry)
         self.dial_errors = Counter("tunneld_dial_errors", "Failed dials by error (e.g. TunnelDown, DialTimeout).",
                                    labelnames=["error"], registry=self.registry)
-        self.registry.register(_PoolCollector(pool, csr_counts))
+        self.registry.register(_PoolCollector(pool, csr_counts, store_health))
         pool.listeners.append(self._on_change)
 
     def _on_change(self, tunnel: Tunnel, before: State, after: State) -> None:

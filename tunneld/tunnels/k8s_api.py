@@ -119,7 +119,7 @@ class KubeAPI:
                     raise _status_error(resp.status_code, body, self.server)
                 yield resp
         except httpx.HTTPError as exc:
-            raise KubeInventoryError(f"{self.server}: {type(exc).__name__}: {exc or 'connection failed'}") from exc
+            raise KubeInventoryError(f"{self.server}: {type(exc).__name__}: {str(exc) or 'connection failed'}") from exc
         except OSError as exc:  # TLS verification failures and friends surface as OSError subclasses
             raise KubeInventoryError(f"{self.server}: {type(exc).__name__}: {exc}") from exc
 

@@ -143,7 +143,7 @@ class KubeInventory:
             async with asyncio.timeout(max(deadline - loop.time(), 0.5)):
                 await self.api.close()
         except (TimeoutError, OSError) as exc:
-            log.warning("closing the connection to %s: %s", self.api.server, exc or type(exc).__name__)
+            log.warning("closing the connection to %s: %s", self.api.server, str(exc) or type(exc).__name__)
 
     def nodes(self) -> list[Node]:
         return self.cache.inventory()
