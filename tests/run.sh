@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs (as root on Debian: OpenSSH server and client, iproute2, curl, etcd, systemd's
-# analyzer, iptables, systemd-nspawn, debootstrap and faketime; always: the Python package with its test extras), run ruff
-# and mypy (either failing fails the run), then the whole suite. Extra arguments go to pytest.
+# analyzer, iptables, systemd-nspawn, debootstrap and faketime; always: the Python package with its test extras),
+# run ruff and mypy (either failing fails the run), then the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
