@@ -164,6 +164,8 @@ class CASettings:
     cert: Path
     key: Path
     ssh_key: Path | None = None
+    ssh_user_ca: Path | None = None
+    """The SSH user CA's private key (``ssh_user_ca``): enables ``nodesshcertificates`` on the API."""
 
 
 @dataclass(frozen=True)
