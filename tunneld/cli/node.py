@@ -34,10 +34,13 @@ def _progress(line: str) -> None:
 @click.option("--ca-cert-hash", "pins", multiple=True,
               help="Pin of the cluster CA: sha256:<hex of its SubjectPublicKeyInfo> (repeatable).")
 @click.option("--expiration-seconds", type=click.IntRange(min=600), help="Ask for this certificate lifetime.")
+@click.option("--ssh-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Dial-in nodes: also keep this SSH key (made if missing) and its certificate <key>-cert.pub from "
+                   "the SSH user CA (renewed with --rotate).")
 @click.option("--poll-interval", default=1.0, hidden=True, type=click.FloatRange(min=0.01))
 def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node_name: str, timeout: float,
               rotate: bool, server: str | None, token: str | None, pins: tuple[str, ...],
-              expiration_seconds: int | None, poll_interval: float) -> None:
+              expiration_seconds: int | None, ssh_key: Path | None, poll_interval: float) -> None:
     """Obtain (and with --rotate, keep renewing) this node's client certificate through the CSR flow.
 
     Does nothing when KUBECONFIG already holds a valid certificate. Discovery (--server, --token, --ca-cert-hash)
@@ -45,6 +48,7 @@ def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node
     BOOTSTRAP_KUBECONFIG.
     """
     from certs import bootstrap as boot
+    from certs import nodesshboot
     from certs.discovery import DiscoveryError, discover
     from certs.files import write_secret
 
@@ -73,19 +77,27 @@ def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node
             if not outcome.issued:
                 _progress(f"{kubeconfig} already has a valid certificate for system:node:{node_name} (until "
                           f"{outcome.not_after:%Y-%m-%d %H:%M:%S} UTC); nothing to do")
+            if ssh_key is not None:
+                await nodesshboot.obtain(kubeconfig, node_name, ssh_key, _progress)
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        renewals = await boot.rotate(opts, _progress, boot.event_sleep(stop))
+        sleep = boot.event_sleep(stop)
+        if ssh_key is None:
+            renewals = await boot.rotate(opts, _progress, sleep)
+        else:
+            await boot.obtain(opts, _progress)  # the SSH certificate is asked for with this one
+            renewals, _ = await asyncio.gather(boot.rotate(opts, _progress, sleep),
+                                               nodesshboot.rotate(kubeconfig, node_name, ssh_key, _progress, sleep))
         _progress(f"stopping after {renewals} renewal(s)")
 
     try:
         asyncio.run(main_())
     except DiscoveryError as exc:
         raise click.ClickException(f"discovery refused: {exc}") from exc
-    except boot.BootstrapError as exc:
+    except (boot.BootstrapError, nodesshboot.NodeSSHError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
