@@ -95,7 +95,7 @@ class DialinBed:
         full = [SSH, *argv[1:]]
         if netns is not None:
             full = ["ip", "netns", "exec", netns, *full]
-        out = open(log or self.dir / f"ssh_{node}.log", "ab")  # noqa: SIM115 - closed with the process
+        out = open(log or self.dir / f"ssh_{node}.log", "ab")
         with out:
             proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         self.procs.append(proc)
