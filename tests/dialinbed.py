@@ -27,13 +27,14 @@ def keygen(*args: str) -> None:
 class DialinBed:
     """CAs, keys and a gateway config in ``workdir``; nodes are added before :meth:`write_config`."""
 
-    def __init__(self, workdir: Path, gateway_host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, gateway_host: str = "127.0.0.1", principals: str | None = None) -> None:
+        """``principals``: the names in the gateway's host certificate (comma-separated; default its host)."""
         self.dir = workdir
         self.gateway_host = gateway_host
         keygen("-t", "ed25519", "-N", "", "-C", "host-ca", "-f", str(workdir / "ssh_ca"))
         keygen("-t", "ed25519", "-N", "", "-C", "user-ca", "-f", str(workdir / "ssh_user_ca"))
         keygen("-t", "ed25519", "-N", "", "-f", str(workdir / "gw_host"))
-        keygen("-s", str(workdir / "ssh_ca"), "-h", "-I", "gateway", "-n", gateway_host, "-V", "-5m:+1d",
+        keygen("-s", str(workdir / "ssh_ca"), "-h", "-I", "gateway", "-n", principals or gateway_host, "-V", "-5m:+1d",
                str(workdir / "gw_host.pub"))
         keygen("-t", "ed25519", "-N", "", "-f", str(workdir / "gw_client"))  # [ssh] private_key (dial-out)
         (workdir / "known_hosts").write_text("")
@@ -75,10 +76,12 @@ class DialinBed:
         path.write_text(text)
         return path
 
-    def ssh_command(self, config: Path, node: str, port: int, key: Path) -> tuple[list[str], str]:
+    def ssh_command(self, config: Path, node: str, port: int, key: Path,
+                    gateway_host: str | None = None) -> tuple[list[str], str]:
         """``tunneld node ssh-command``'s two lines, the command split into argv and the known_hosts line."""
         result = CliRunner().invoke(cli, [
-            "node", "ssh-command", "-c", str(config), "--node", node, "--gateway", f"{self.gateway_host}:{port}",
+            "node", "ssh-command", "-c", str(config), "--node", node,
+            "--gateway", f"{gateway_host or self.gateway_host}:{port}",
             "--host-ca", str(self.dir / "ssh_ca.pub"), "--key", str(key),
             "--known-hosts", str(self.dir / f"node_known_hosts_{node}"),
         ])
