@@ -88,7 +88,7 @@ async def _connect(sock_path: Path, target: str) -> tuple[asyncio.StreamReader, 
     return reader, writer
 
 
-async def test_connect_carries_64_mib_each_way_byte_exact(cluster: Cluster, gw: Gateway) -> None:
+async def test_connect_carries_64_mib_each_way_byte_exact(cluster: Cluster, gw: Gateway) -> None:  # noqa: F811
     node = cluster.nodes[0]
     target = f"{node.address}:{node.app_port}"
     upload = pattern(7, 4 * MiB, 0) * 16
