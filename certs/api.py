@@ -9,6 +9,7 @@ Routes (the JSON shapes are Kubernetes')::
     DELETE /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}  delete (admins; a Status "Success")
     PUT  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/approval   approve/deny (admins)
     GET  /apis/certificates.k8s.io/v1/certificatesigningrequests/{name}/audit      decision trail (admins; ours)
+    POST /apis/tunneld.io/v1/nodesshcertificates         a node's SSH user certificate (ours; :mod:`certs.nodessh`)
 
 Who is calling is decided by an ``Authenticate`` function: on the TLS listener a bearer token (static or bootstrap)
 or a client certificate verified by TLS against the cluster CA (:func:`tls_authenticator`); on the daemon's local
@@ -32,6 +33,8 @@ from cryptography import x509
 
 import netnames
 from certs.csr import ConditionConflict, CSRInvalid
+from certs.nodessh import PATH as NODE_SSH_PATH
+from certs.nodessh import NodeSSHIssuer
 from certs.service import CertService, Forbidden, QuotaExceeded
 from certs.store import AlreadyExists, Conflict, Contended, InvalidContinue, NotFound, StoreError
 from certs.tokens import ADMIN_GROUP, Identity, identity_from_certificate
@@ -136,8 +139,10 @@ def _refused(request: web.Request, code: int, why: str) -> None:
         "peer": request.remote or "unix", "method": request.method, "path": request.path[:200], "status": code})
 
 
-def make_app(service: CertService, authenticate: Authenticate, server_url: str | None = None) -> web.Application:
-    """The API application. ``server_url`` (the URL nodes reach this API at) enables ``cluster-info``."""
+def make_app(service: CertService, authenticate: Authenticate, server_url: str | None = None,
+             node_ssh: NodeSSHIssuer | None = None) -> web.Application:
+    """The API application. ``server_url`` (the URL nodes reach this API at) enables ``cluster-info``; ``node_ssh``
+    enables ``nodesshcertificates``."""
 
     @web.middleware
     async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -247,6 +252,11 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
         assert server_url is not None
         return web.json_response(await service.cluster_info(server_url))
 
+    async def node_ssh_certificate(request: web.Request) -> web.Response:
+        assert node_ssh is not None
+        who = await caller(request)
+        return web.json_response(node_ssh.issue(who, await body(request)), status=201)
+
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     routes = [
         web.post(CSR_PATH, create),
@@ -258,6 +268,8 @@ def make_app(service: CertService, authenticate: Authenticate, server_url: str |
     ]
     if server_url is not None:
         routes.append(web.get(CLUSTER_INFO_PATH, cluster_info))
+    if node_ssh is not None:
+        routes.append(web.post(NODE_SSH_PATH, node_ssh_certificate))
     app.add_routes(routes)
     return app
 

@@ -6,6 +6,10 @@ valid from a few minutes ago (clock skew) for a bounded period. The gateway's kn
 ``@cert-authority <host pattern> <CA public key>``: any host presenting a certificate from this CA that names the
 host the gateway dialled is accepted, and anything else (a plain key, another CA, an expired certificate, another
 host's certificate) is refused.
+
+A second, separate CA (``ssh_user_ca``, ``ssh_user_ca.pub``) signs dial-in nodes' *user* keys
+(:meth:`SSHCA.sign_node`): one principal ``node:<name>``, only ``permit-port-forwarding``, 24 h by default. Kept apart
+from the host CA so that neither kind of certificate can pass for the other.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from certs.files import read_limited, refuse_overwrite, write_public, write_secr
 
 PRIVATE_NAME = "ssh_ca"
 PUBLIC_NAME = "ssh_ca.pub"
+USER_PRIVATE_NAME = "ssh_user_ca"
+USER_PUBLIC_NAME = "ssh_user_ca.pub"
+NODE_VALIDITY = 24 * 3600
+MAX_NODE_VALIDITY = 30 * 24 * 3600
+NODE_PRINCIPAL_PREFIX = "node:"
+_NODE_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 ALGORITHMS = {"ed25519": "ssh-ed25519", "ecdsa": "ecdsa-sha2-nistp256", "rsa": "ssh-rsa"}
 WEEK = 7 * 24 * 3600
 DEFAULT_VALIDITY = 52 * WEEK
@@ -100,13 +110,16 @@ class SSHCA:
 
     @classmethod
     def create(
-        cls, directory: str | Path, *, force: bool = False, algorithm: str = "ed25519", comment: str = "tunneld-ssh-ca"
+        cls, directory: str | Path, *, force: bool = False, algorithm: str = "ed25519", comment: str = "tunneld-ssh-ca",
+        user: bool = False,
     ) -> SSHCA:
-        """Generate a CA in ``directory`` (``ssh_ca`` 0600, ``ssh_ca.pub``); never overwrite unless ``force``."""
+        """Generate a CA in ``directory`` (``ssh_ca`` 0600, ``ssh_ca.pub``; with ``user``, the separate user CA
+        ``ssh_user_ca`` and ``ssh_user_ca.pub``); never overwrite unless ``force``."""
         if algorithm not in ALGORITHMS:
             raise SSHCAError(f"unknown SSH CA algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
         d = Path(directory)
-        private, public = d / PRIVATE_NAME, d / PUBLIC_NAME
+        names = (USER_PRIVATE_NAME, USER_PUBLIC_NAME) if user else (PRIVATE_NAME, PUBLIC_NAME)
+        private, public = d / names[0], d / names[1]
         try:
             refuse_overwrite([private, public], force)
         except FileExistsError as exc:
@@ -174,6 +187,42 @@ class SSHCA:
         if not text.endswith(b"\n"):
             text += b"\n"
         return HostCertificate(text, kid, serial, tuple(names), valid_after, valid_before)
+
+
+    def sign_node(
+        self,
+        public_key: bytes | str | asyncssh.SSHKey,
+        node: str,
+        validity: int | str = NODE_VALIDITY,
+        *,
+        now: float | None = None,
+    ) -> HostCertificate:
+        """Sign a dial-in node's user key: principal ``node:<node>``, only ``permit-port-forwarding``, valid for
+        ``validity`` (default 24 h, at most 30 days) from :data:`BACKDATE` before ``now``."""
+        if not _NODE_RE.fullmatch(node):
+            raise SSHCAError(f"invalid node name {node!r}")
+        seconds = parse_validity(validity) if isinstance(validity, str) else int(validity)
+        if not 0 < seconds <= MAX_NODE_VALIDITY:
+            raise SSHCAError(f"a node certificate's validity must be between 1 s and {MAX_NODE_VALIDITY // 86400}d")
+        user_key = _import_host_key(public_key)
+        principal = NODE_PRINCIPAL_PREFIX + node
+        start = int(now if now is not None else time.time())
+        valid_after, valid_before = start - BACKDATE, start + seconds
+        serial = secrets.randbits(63)
+        sig_alg = "rsa-sha2-512" if self.key.algorithm == b"ssh-rsa" else ()
+        try:
+            cert = self.key.generate_user_certificate(
+                user_key, principal, serial=serial, principals=[principal], valid_after=valid_after,
+                valid_before=valid_before, permit_x11_forwarding=False, permit_agent_forwarding=False,
+                permit_port_forwarding=True, permit_pty=False, permit_user_rc=False, sig_alg=sig_alg,
+                comment=principal,
+            )
+        except (ValueError, asyncssh.KeyGenerationError) as exc:
+            raise SSHCAError(f"cannot sign the node key: {exc}") from exc
+        text = cert.export_certificate("openssh")
+        if not text.endswith(b"\n"):
+            text += b"\n"
+        return HostCertificate(text, principal, serial, (principal,), valid_after, valid_before)
 
 
 def _import_host_key(public_key: bytes | str | asyncssh.SSHKey) -> asyncssh.SSHKey:

@@ -30,6 +30,7 @@ from tunneld.ops.readiness import HealthChecks, TunnelSync
 from tunneld.ops.status import StatusServer, make_app
 from tunneld.tlsfiles import TLSFiles, egress_listener, kubelet_client, proxy_listener, proxy_targets
 from tunneld.tunnels.dialer import TunnelDialer
+from tunneld.tunnels.dialin_setup import build_listener
 from tunneld.tunnels.inventory import InventoryDiff
 from tunneld.tunnels.k8s_nodes import merge_nodes
 from tunneld.tunnels.k8s_watch import KubeInventory
@@ -121,6 +122,8 @@ class Gateway:
         self._kube_nodes: list[Node] = []
         self._merge_notes: set[str] = set()
         self.reloads = ReloadLog()
+        self.dialin = build_listener(config.dialin, self.pool) if config.dialin is not None else None
+        """The ``[dialin]`` SSH listener dial-in nodes connect to."""
 
     def _set_kubelet_tls(self, ctx: ssl.SSLContext) -> None:
         self.api_front.kubelet_tls = ctx
@@ -174,6 +177,8 @@ class Gateway:
         if self.certs is not None:
             await self.certs.start(self.tls)
         self.pool.apply(self.config.nodes)
+        if self.dialin is not None:
+            await self.dialin.start()
         if self.config.inventory_source == "kubernetes" and self.config.kubernetes is not None:
             kube = KubeInventory.from_settings(self.config.kubernetes, self._on_kube_nodes, **self.kube_options)
             await kube.start()
@@ -221,6 +226,8 @@ class Gateway:
         if retried:
             log.info("retrying tunnels that gave up or were refused: %s", ", ".join(retried))
         self.tls.reload(new)
+        if self.dialin is not None:
+            self.dialin.reload_revoked()
         if self.certs is not None:
             self.certs.reload(self.config)
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),
@@ -259,5 +266,7 @@ class Gateway:
         await self.status.stop()
         if self.certs is not None:
             await self.certs.stop()
+        if self.dialin is not None:
+            await self.dialin.stop()
         await self.pool.close(0.0)
         log.info("stopped")

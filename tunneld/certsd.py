@@ -15,7 +15,7 @@ import shutil
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
@@ -25,6 +25,7 @@ from certs.approval import make_policy
 from certs.ca import CertificateAuthority, cert_pem, key_pem
 from certs.etcd_store import EtcdStore, client_tls
 from certs.files import write_secret
+from certs.nodessh import NodeSSHIssuer
 from certs.service import CertService
 from certs.signers import NodeInventory
 from certs.sqlite_store import SQLiteStore
@@ -83,6 +84,15 @@ def server_url(api: APISettings) -> str:
     return f"https://{host}:{port}"
 
 
+def node_ssh_issuer(path: Path | None, may_dial_in: Callable[[str], str | None]) -> NodeSSHIssuer | None:
+    """The issuer of nodes' SSH certificates, with ``[ca] ssh_user_ca``."""
+    if path is None:
+        return None
+    from certs.sshca import SSHCA  # asyncssh, only when dial-in nodes get certificates here
+
+    return NodeSSHIssuer(SSHCA.load(path), may_dial_in)
+
+
 class CertsDaemon:
     """CA + store + policy + API listener + signer loop, as the gateway runs them."""
 
@@ -98,7 +108,9 @@ class CertsDaemon:
                                    max_pending=config.csr.max_pending_per_requester)
         self.url = server_url(config.api)
         lim = config.limits
-        self.api = APIListener(make_app(self.service, tls_authenticator(self.service), self.url),
+        self._nodes: dict[str, Node] = {n.name: n for n in config.nodes}
+        self.node_ssh = node_ssh_issuer(config.ca.ssh_user_ca, self._may_dial_in)
+        self.api = APIListener(make_app(self.service, tls_authenticator(self.service), self.url, self.node_ssh),
                                Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout))
         self._signer: asyncio.Task[None] | None = None
         log.info("certificates: approval policy %s, store %s", policy.name, config.csr.store)
@@ -109,7 +121,15 @@ class CertsDaemon:
 
     def set_nodes(self, nodes: Iterable[Node]) -> None:
         """The inventory changed (reload, Kubernetes source)."""
+        nodes = list(nodes)
+        self._nodes = {n.name: n for n in nodes}
         self.service.set_inventory(node_inventory(nodes))
+
+    def _may_dial_in(self, name: str) -> str | None:
+        node = self._nodes.get(name)
+        if node is None:
+            return "not in the inventory"
+        return None if node.mode == "dial-in" else f"its mode is {node.mode}, not dial-in"
 
     def reload(self, config: Config) -> None:
         """Re-read the static token file (other certificate settings apply on restart)."""

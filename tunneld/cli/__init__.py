@@ -6,8 +6,9 @@ from tunneld.cli.certs import ca, csr, token
 from tunneld.cli.main import main
 from tunneld.cli.node import bootstrap, ssh
 from tunneld.cli.reload import reload
+from tunneld.cli.sshcommand import node
 
-for _command in (reload, bootstrap, ssh, ca, token, csr):
+for _command in (reload, bootstrap, ssh, node, ca, token, csr):
     main.add_command(_command)
 
 __all__ = ["main"]

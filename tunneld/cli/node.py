@@ -1,4 +1,4 @@
-"""Node-side and SSH CA commands: ``tunneld bootstrap`` and ``tunneld ssh init|sign-host``."""
+"""Node-side and SSH CA commands: ``tunneld bootstrap`` and ``tunneld ssh init|sign-host|sign-node``."""
 
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ def _progress(line: str) -> None:
 @click.option("--ca-cert-hash", "pins", multiple=True,
               help="Pin of the cluster CA: sha256:<hex of its SubjectPublicKeyInfo> (repeatable).")
 @click.option("--expiration-seconds", type=click.IntRange(min=600), help="Ask for this certificate lifetime.")
+@click.option("--ssh-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Dial-in nodes: also keep this SSH key (made if missing) and its certificate <key>-cert.pub from "
+                   "the SSH user CA (renewed with --rotate).")
 @click.option("--poll-interval", default=1.0, hidden=True, type=click.FloatRange(min=0.01))
 def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node_name: str, timeout: float,
               rotate: bool, server: str | None, token: str | None, pins: tuple[str, ...],
-              expiration_seconds: int | None, poll_interval: float) -> None:
+              expiration_seconds: int | None, ssh_key: Path | None, poll_interval: float) -> None:
     """Obtain (and with --rotate, keep renewing) this node's client certificate through the CSR flow.
 
     Does nothing when KUBECONFIG already holds a valid certificate. Discovery (--server, --token, --ca-cert-hash)
@@ -45,6 +48,7 @@ def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node
     BOOTSTRAP_KUBECONFIG.
     """
     from certs import bootstrap as boot
+    from certs import nodesshboot
     from certs.discovery import DiscoveryError, discover
     from certs.files import write_secret
 
@@ -73,19 +77,27 @@ def bootstrap(bootstrap_kubeconfig: Path, kubeconfig: Path, cert_dir: Path, node
             if not outcome.issued:
                 _progress(f"{kubeconfig} already has a valid certificate for system:node:{node_name} (until "
                           f"{outcome.not_after:%Y-%m-%d %H:%M:%S} UTC); nothing to do")
+            if ssh_key is not None:
+                await nodesshboot.obtain(kubeconfig, node_name, ssh_key, _progress)
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        renewals = await boot.rotate(opts, _progress, boot.event_sleep(stop))
+        sleep = boot.event_sleep(stop)
+        if ssh_key is None:
+            renewals = await boot.rotate(opts, _progress, sleep)
+        else:
+            await boot.obtain(opts, _progress)  # the SSH certificate is asked for with this one
+            renewals, _ = await asyncio.gather(boot.rotate(opts, _progress, sleep),
+                                               nodesshboot.rotate(kubeconfig, node_name, ssh_key, _progress, sleep))
         _progress(f"stopping after {renewals} renewal(s)")
 
     try:
         asyncio.run(main_())
     except DiscoveryError as exc:
         raise click.ClickException(f"discovery refused: {exc}") from exc
-    except boot.BootstrapError as exc:
+    except (boot.BootstrapError, nodesshboot.NodeSSHError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -99,15 +111,22 @@ def ssh() -> None:
               help="Where ssh_ca (0600) and ssh_ca.pub are written.")
 @click.option("--algorithm", type=click.Choice(["ed25519", "ecdsa", "rsa"]), default="ed25519", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing CA (every host certificate it signed stops working).")
-def ssh_init(directory: Path, algorithm: str, force: bool) -> None:
+@click.option("--user-ca/--no-user-ca", default=True, show_default=True,
+              help="Also create the separate SSH user CA (ssh_user_ca) that signs dial-in nodes' keys.")
+def ssh_init(directory: Path, algorithm: str, force: bool, user_ca: bool) -> None:
     """Create the SSH CA and print the known_hosts line the gateway needs."""
     from certs.sshca import SSHCA, SSHCAError  # asyncssh: imported only by the commands that need it
 
     try:
         ca = SSHCA.create(directory, force=force, algorithm=algorithm)
+        user = SSHCA.create(directory, force=force, algorithm=algorithm, comment="tunneld-ssh-user-ca",
+                            user=True) if user_ca else None
     except SSHCAError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"SSH CA written: {ca.path} (private, 0600) and {directory / 'ssh_ca.pub'}", err=True)
+    if user is not None:
+        click.echo(f"SSH user CA (dial-in nodes) written: {user.path} and {directory / 'ssh_user_ca.pub'}; "
+                   "[dialin] user_ca names the .pub", err=True)
     click.echo("Add this line to the gateway's known_hosts ([ssh] known_hosts):", err=True)
     click.echo(ca.known_hosts_line())
 
@@ -147,3 +166,30 @@ def ssh_sign_host(ca_key: Path, host_key: Path, principals: tuple[str, ...], val
     click.echo("sshd_config on the node: HostCertificate " + str(out), err=True)
     click.echo("known_hosts line for the gateway:", err=True)
     click.echo(line)
+
+
+@ssh.command("sign-node")
+@click.option("--ca-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The SSH *user* CA private key (ssh_user_ca).")
+@click.option("--public-key", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The node's SSH public key (e.g. /var/lib/tunneld/ssh/id_ed25519.pub).")
+@click.option("--node", "node_name", required=True, help="The node name; the principal is node:<name>.")
+@click.option("--validity", default="24h", show_default=True, help="How long the certificate is valid (at most 30d).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the certificate (default: <public-key without .pub>-cert.pub).")
+def ssh_sign_node(ca_key: Path, public_key: Path, node_name: str, validity: str, out: Path | None) -> None:
+    """Sign a dial-in node's SSH key (principal node:<name>, only port forwarding) for its ssh -R to the gateway."""
+    from certs.files import write_public
+    from certs.sshca import SSHCA, SSHCAError
+
+    try:
+        cert = SSHCA.load(ca_key).sign_node(public_key.read_bytes()[: 64 * 1024 + 1], node_name, validity)
+    except (SSHCAError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if out is None:
+        stem = public_key.name[:-4] if public_key.name.endswith(".pub") else public_key.name
+        out = public_key.with_name(f"{stem}-cert.pub")
+    write_public(out, cert.text)
+    hours = (cert.valid_before - cert.valid_after) / 3600
+    click.echo(f"node certificate written: {out} (principal {cert.principals[0]}, serial {cert.serial}, "
+               f"valid {hours:.1f} h)", err=True)

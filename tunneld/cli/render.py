@@ -25,12 +25,13 @@ from rich.text import Text
 
 from netnames.text import printable
 
-_ORDER = {"refused": 0, "gave-up": 1, "down": 2, "degraded": 3, "connecting": 4, "stopped": 5, "up": 6}
+_ORDER = {"refused": 0, "gave-up": 1, "down": 2, "degraded": 3, "waiting": 4, "connecting": 4, "stopped": 5, "up": 6}
 COLUMNS = ("NODE", "ADDRESS", "STATE", "SINCE", "CHANNELS", "IN", "OUT", "PROBE", "LAST ERROR")
 ROW_STYLE = {"refused": "red", "gave-up": "red", "down": "red", "degraded": "red", "connecting": "yellow",
+             "waiting": "yellow",
              "stopped": "dim", "up": ""}
 STATE_STYLE = {"refused": "bold red", "gave-up": "bold red", "down": "bold red", "degraded": "bold red",
-               "connecting": "yellow", "stopped": "dim", "up": "green"}
+               "connecting": "yellow", "waiting": "yellow", "stopped": "dim", "up": "green"}
 PLAIN_WIDTH = 400
 """Width used when not on a terminal, so that piped rows are never wrapped."""
 ERROR_WIDTH = 80
@@ -95,11 +96,18 @@ def _probe(t: dict[str, Any], now: float | None) -> str:
     return ("ok" if probe["ok"] else "FAIL") + f" {ago(probe['at'], now)} ago"
 
 
+def _where(t: dict[str, Any]) -> str:
+    """``address:ssh_port`` of a dial-out tunnel; ``address dial-in[ from peer]`` of a dial-in one."""
+    if t.get("mode") == "dial-in":
+        return f"{t['address']} dial-in" + (f" from {t['peer']}" if t.get("peer") else "")
+    return f"{t['address']}:{t['ssh_port']}"
+
+
 def row(t: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
     """One table row as text cells, in :data:`COLUMNS` order."""
     t = safe(t)
     return (
-        t["node"], f"{t['address']}:{t['ssh_port']}", t["state"], ago(t["since"], now), str(t["open_channels"]),
+        t["node"], _where(t), t["state"], ago(t["since"], now), str(t["open_channels"]),
         human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), _probe(t, now),
         shorten(t.get("last_error") or "", ERROR_WIDTH),
     )
@@ -133,7 +141,9 @@ def detail(t: dict[str, Any], now: float | None = None) -> Table:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f" ({ago(ts, now)} ago)"
 
     table.add_row("Node", t["node"])
-    table.add_row("Address", f"{t['address']}:{t['ssh_port']}")
+    table.add_row("Address", _where(t))
+    table.add_row("Mode", t.get("mode", "dial-out") + (f" ({t['replacements']} replaced connections)"
+                                                       if t.get("replacements") else ""))
     table.add_row("State", Text(state, style=STATE_STYLE.get(state, "")))
     table.add_row("Since", when(t["since"]))
     table.add_row("Last error", Text(t.get("last_error") or "-", style="red" if t.get("last_error") else ""))

@@ -12,6 +12,7 @@ from tunneld.config.schema import (
     CASettings,
     Config,
     CSRSettings,
+    DialinSettings,
     DialSettings,
     EgressSettings,
     HealthSettings,
@@ -31,7 +32,8 @@ from tunneld.config.sections import in_cluster
 
 __all__ = [
     "APPROVAL_POLICIES", "APISettings", "AuthSettings", "CASettings", "CSRSettings", "Config", "DialSettings",
-    "EgressSettings", "HealthSettings", "KubeletSettings", "KubernetesInventorySettings", "LimitSettings", "Node",
+    "DialinSettings", "EgressSettings", "HealthSettings", "KubeletSettings", "KubernetesInventorySettings",
+    "LimitSettings", "Node",
     "PolicySettings", "ProxySettings", "SSHSettings", "ServicePort", "ServiceSettings", "StatusSettings",
     "TLSServerSettings", "check_files", "in_cluster", "load_checked", "load_config", "load_inventory_nodes",
     "parse_nodes",

@@ -13,8 +13,9 @@ def certs_sections(c: Section, a: Section, au: Section, cs: Section, problems: l
            ) -> tuple[CASettings | None, APISettings | None, AuthSettings, CSRSettings]:
     """The ``[ca]``, ``[api]``, ``[auth]`` and ``[csr]`` sections (the certificates part of the daemon)."""
     cert, key, ssh_key = c.path("cert", None), c.path("key", None), c.path("ssh_key", None)
+    ssh_user_ca = c.path("ssh_user_ca", None)
     c.unknown()
-    ca = CASettings(cert, key, ssh_key) if cert is not None and key is not None else None
+    ca = CASettings(cert, key, ssh_key, ssh_user_ca) if cert is not None and key is not None else None
     if (cert is None) != (key is None):
         c.problem("cert" if cert is None else "key", "cert and key go together")
     api: APISettings | None = None

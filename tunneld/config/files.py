@@ -33,6 +33,10 @@ def check_files(config: Config) -> list[str]:
     if config.csr.store == "etcd":
         named += [("csr.etcd_ca", config.csr.etcd_ca), ("csr.etcd_cert", config.csr.etcd_cert),
                   ("csr.etcd_key", config.csr.etcd_key)]
+    if config.dialin is not None:
+        d = config.dialin
+        named += [("dialin.host_key", d.host_key), ("dialin.host_certificate", d.host_certificate),
+                  ("dialin.user_ca", d.user_ca), ("dialin.revoked_keys", d.revoked_keys)]
     for node in config.nodes:
         named += [(f"nodes ({node.name}).known_hosts", node.known_hosts),
                   (f"nodes ({node.name}).host_key", node.host_key)]

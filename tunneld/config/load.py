@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tunneld.config.certauth import certs_sections
 from tunneld.config.contents import check_contents
+from tunneld.config.dialin import dialin_section
 from tunneld.config.files import check_files
 from tunneld.config.fronts import listener_sections, services_section
 from tunneld.config.nodes import load_inventory_nodes, overlapping_pod_cidrs, parse_nodes
@@ -65,12 +66,15 @@ def _load(path: Path) -> tuple[Config, list[str]]:
         limits=limits_section(table("limits")), inventory_file=inventory_file, inventory_source=inventory_source,
         kubernetes=kubernetes, services=tuple(services_section(top.get("services", list, []), base, problems)),
         log_level=log_level, log_format=log_format, ca=ca, api=api, auth=auth, csr=csr,
+        dialin=dialin_section(table("dialin"), "dialin" in data),
     )
     nodes = parse_nodes(top.get("nodes", list, []), base, problems) if "nodes" in data else []
     top.unknown()
     found = [f"{path}: {p}" for p in problems]
     nodes += _inventory_file_nodes(path, inventory_file, nodes, found)
     found += [f"{path}: {p}" for p in overlapping_pod_cidrs(nodes) + _shared_listeners(config)]
+    if config.dialin is None and any(n.mode == "dial-in" for n in nodes):
+        found.append(f"{path}: dialin: required (a [dialin] listener) when a node has mode = \"dial-in\"")
     return dataclasses.replace(config, nodes=tuple(nodes)), found
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from netnames import is_dns_subdomain, parse_host, parse_network
 from tunneld.config.reader import Section, read_toml
-from tunneld.config.schema import IPNetwork, Node
+from tunneld.config.schema import NODE_MODES, IPNetwork, Node
 from tunneld.errors import ConfigError
 
 
@@ -47,6 +47,9 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
                 pod_cidr = parse_network(cidr)
             except ValueError as exc:
                 sec.problem("pod_cidr", str(exc))
+        mode = sec.get("mode", str, "dial-out")
+        if mode not in NODE_MODES:
+            sec.problem("mode", f"{mode!r} is not one of {', '.join(NODE_MODES)}")
         node = Node(
             name=name,
             address=address,
@@ -55,6 +58,7 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
             pod_cidr=pod_cidr,
             known_hosts=sec.path("known_hosts", None),
             host_key=sec.path("host_key", None),
+            mode=mode,
         )
         sec.unknown()
         nodes.append(node)

@@ -25,6 +25,9 @@ class Node:
     """Per-node known_hosts file replacing the global one."""
     host_key: Path | None = None
     """Per-node pinned host public key (OpenSSH format) replacing known_hosts."""
+    mode: str = "dial-out"
+    """``dial-out``: the gateway connects to the node's sshd; ``dial-in``: the node's OpenSSH client connects to the
+    gateway's ``[dialin]`` listener with a reverse dynamic forward (``ssh -N -R``)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,8 @@ class CASettings:
     cert: Path
     key: Path
     ssh_key: Path | None = None
+    ssh_user_ca: Path | None = None
+    """The SSH user CA's private key (``ssh_user_ca``): enables ``nodesshcertificates`` on the API."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,32 @@ class KubernetesInventorySettings:
     """sshd port on every node found through the API (nodes carry no such field)."""
 
 
+NODE_MODES = ("dial-out", "dial-in")
+
+
+@dataclass(frozen=True)
+class DialinSettings:
+    """``[dialin]``: the SSH listener dial-in nodes connect to (see :mod:`tunneld.tunnels.dialin_ssh`)."""
+
+    listen: str
+    host_key: Path
+    """The gateway's SSH host key; ``host_certificate`` is its certificate from the cluster's SSH (host) CA."""
+    host_certificate: Path
+    user_ca: Path
+    """The public key of the SSH *user* CA that signs nodes' certificates (``ssh_user_ca.pub``)."""
+    revoked_keys: Path | None = None
+    """An OpenSSH KRL (``ssh-keygen -k``); re-read on SIGHUP."""
+    max_connections: int = 10_000
+    max_concurrent_handshakes: int = 64
+    login_grace: float = 10.0
+    replace_grace: float = 30.0
+    """How long the streams of a replaced connection may still run before they are ended as broken."""
+    socks_timeout: float = 10.0
+    """SOCKS5 CONNECT answer timeout on a forwarded channel (the dial timeout applies too)."""
+    keepalive_interval: float = 15.0
+    keepalive_count_max: int = 3
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
@@ -263,3 +294,4 @@ class Config:
     api: APISettings | None = None
     auth: AuthSettings = field(default_factory=AuthSettings)
     csr: CSRSettings = field(default_factory=CSRSettings)
+    dialin: DialinSettings | None = None

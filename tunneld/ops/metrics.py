@@ -115,7 +115,7 @@ class Metrics:
         pool.listeners.append(self._on_change)
 
     def _on_change(self, tunnel: Tunnel, before: State, after: State) -> None:
-        if before is State.CONNECTING and after is State.UP:
+        if before in (State.CONNECTING, State.WAITING) and after is State.UP:
             self.connects.inc()
         elif before is State.CONNECTING and after in (State.DOWN, State.GAVE_UP, State.REFUSED):
             self.connect_failures.inc()

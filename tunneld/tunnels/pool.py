@@ -24,7 +24,9 @@ from typing import Any
 from tunneld.config import HealthSettings, Node, SSHSettings
 from tunneld.errors import AuthFailed, ConnectFailed, HostKeyRejected, Overloaded, TunnelDown, TunnelUnavailable
 from tunneld.tunnels import ssh
+from tunneld.tunnels.dialin import DialinSupervisor
 from tunneld.tunnels.inventory import InventoryDiff, OwnerIndex, diff
+from tunneld.tunnels.link import Link
 from tunneld.tunnels.probe import ProbeFailed, probe
 from tunneld.tunnels.settings import ConnectSlots, TunnelSettings, changed_keys
 from tunneld.tunnels.state import PARKED, Event, State, TunnelStateMachine
@@ -72,20 +74,23 @@ class Tunnel:
         self._notify = notify
         self.machine = TunnelStateMachine(clock, settings.limits)
         self.counters = ssh.Counters()
-        self.link: ssh.SSHLink | None = None
+        self.link: Link | None = None
         self.last_probe: ProbeResult | None = None
         self.next_retry: float | None = None
         self._opening = 0  # channel opens under way: they count against the channel limit too
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._retry = asyncio.Event()
+        self.dialin = DialinSupervisor(self) if node.mode == "dial-in" else None
+        """Set for a dial-in tunnel (the node connects to us): see :mod:`.dialin`."""
 
     @property
     def state(self) -> State:
         return self.machine.state
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name=f"tunnel:{self.node.name}")
+        run = self.dialin.run() if self.dialin is not None else self._supervise()
+        self._task = asyncio.create_task(run, name=f"tunnel:{self.node.name}")
 
     def configure(self, settings: TunnelSettings) -> None:
         """Run with ``settings`` from the next step on."""
@@ -184,7 +189,7 @@ class Tunnel:
             # A short jittered pause so that many tunnels dropped at once (a network blip) reconnect spread out.
             await self._pause(1)
 
-    async def _probe_loop(self, link: ssh.SSHLink) -> None:
+    async def _probe_loop(self, link: Link) -> None:
         while not link.closed:
             health = self.settings.health
             host = self.node.address if health.host == "@node" else health.host
@@ -227,6 +232,8 @@ class Tunnel:
         if self.link is not None:
             self.link.close()
             self.link = None
+        if self.dialin is not None:
+            await self.dialin.close()
         self._event(Event.STOP)
 
     def snapshot(self) -> dict[str, Any]:
@@ -235,6 +242,9 @@ class Tunnel:
         p = self.last_probe
         return {
             "node": self.node.name,
+            "mode": self.node.mode,
+            "peer": self.dialin.peer if self.dialin is not None else None,
+            "replacements": self.dialin.replacements if self.dialin is not None else 0,
             "address": self.node.address,
             "ssh_port": self.node.ssh_port,
             "state": m.state.value,
@@ -327,6 +337,30 @@ class Pool:
     def _notify(self, tunnel: Tunnel, before: State, after: State) -> None:
         for listener in self.listeners:
             listener(tunnel, before, after)
+
+    def dialin_node(self, name: str) -> str | None:
+        """None if ``name`` is a dial-in node of the inventory; else why it may not dial in."""
+        tunnel = self.tunnels.get(name)
+        if tunnel is None:
+            return "not in the inventory"
+        if tunnel.dialin is None:
+            return f"its mode is {tunnel.node.mode}, not dial-in"
+        return None
+
+    def attach(self, name: str, link: Any, replace_grace: float) -> str | None:
+        """Hand a dial-in node's arrived connection to its tunnel; returns why not (the caller closes it)."""
+        why = self.dialin_node(name)
+        if why is not None:
+            return why
+        tunnel = self.tunnels[name]
+        assert tunnel.dialin is not None
+        tunnel.dialin.attach(link, replace_grace)
+        return None
+
+    def counters_for(self, name: str) -> ssh.Counters:
+        """The traffic counters of ``name``'s tunnel (fresh ones when there is none)."""
+        tunnel = self.tunnels.get(name)
+        return tunnel.counters if tunnel is not None else ssh.Counters()
 
     def owner(self, host: str) -> Tunnel | None:
         """The tunnel of the node that owns ``host``, or None when no node does."""

@@ -12,6 +12,11 @@ Everything that decides a tunnel's state lives in this module; the pool only per
       +----------------------------------------retry (reload)----------+
     any state --stop--> STOPPED (terminal)
 
+A dial-in tunnel (the node's OpenSSH client connects to us) has no backoff and no attempts: from DOWN it goes
+WAITING ("waiting for the node") at once, and CONNECTED arrives when the node's connection with its forward does:
+
+    DOWN --wait--> WAITING --connected--> UP ... --lost--> DOWN --wait--> WAITING
+
 UP: the SSH connection is established and the health probe passes (or has not failed yet). DEGRADED: connected, but
 the probe failed ``failure_threshold`` times in a row. DOWN: not connected, waiting to retry. GAVE_UP:
 ``max_reconnect_attempts`` consecutive attempts failed; REFUSED: the node's host key or our login was refused, which
@@ -36,6 +41,8 @@ class State(enum.Enum):
     GAVE_UP = "gave-up"
     REFUSED = "refused"
     STOPPED = "stopped"
+    WAITING = "waiting"
+    """A dial-in tunnel waiting for its node to connect (nothing to retry: the node dials)."""
 
 
 class Event(enum.Enum):
@@ -50,6 +57,8 @@ class Event(enum.Enum):
     RETRY = "retry"
     """A reload: a parked (gave-up or refused) tunnel tries again, its failure count reset."""
     STOP = "stop"
+    WAIT = "wait"
+    """A dial-in tunnel starts waiting for its node."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,8 @@ PARKED = frozenset({State.GAVE_UP, State.REFUSED})
 
 TRANSITIONS: dict[tuple[State, Event], State | Threshold] = {
     (State.DOWN, Event.CONNECT): State.CONNECTING,
+    (State.DOWN, Event.WAIT): State.WAITING,
+    (State.WAITING, Event.CONNECTED): State.UP,
     (State.CONNECTING, Event.CONNECTED): State.UP,
     (State.CONNECTING, Event.CONNECT_FAILED): Threshold("connect_failures", "max_attempts", State.GAVE_UP, State.DOWN),
     (State.CONNECTING, Event.REJECTED): State.REFUSED,
