@@ -22,12 +22,12 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import h11
 
-from proxy import kubeapi
+from proxy import kubeapi, wsbridge
 from proxy.client import get
 from proxy.dialer import Dialer
 from proxy.directory import Directory, NodeInfo, PodCache, PodConflict, PodInfo
 from proxy.errors import BadRequest, RouteError, UpstreamError, UpstreamTimeout
-from proxy.forward import Upstream, forward, open_upstream
+from proxy.forward import Upstream, _Upstream, forward, open_upstream, receive_head, relay_body
 from proxy.framing import is_upgrade
 from proxy.podlist import MAX_POD_LIST_BYTES, PodListRefused, parse_pod_list
 from proxy.routes import Route, parse
@@ -100,9 +100,46 @@ class APIProxyFront:
         up, path, upgrade_required = await self._resolve(route, request)
         if upgrade_required and not is_upgrade(request):
             raise BadRequest("Upgrade request required")
+        protocols = wsbridge.offered(request)
+        if (route.kind in ("exec", "attach") and wsbridge.V5 in protocols) or (
+                route.kind == "portforward" and wsbridge.TUNNEL in protocols):
+            return await self._bridge(ex, request, route, up, path)
         prefix = route.prefix if route.kind in ("node", "pod", "service") else None
         return await forward(ex, request, self.dialer, up, path, location_prefix=prefix,
                              response_timeout=self.response_timeout)
+
+    async def _bridge(self, ex: Exchange, request: h11.Request, route: Route, up: Upstream, path: str) -> bool:
+        """A WebSocket client, a SPDY kubelet (:mod:`proxy.wsbridge`): upgrade to the kubelet first, then answer the
+        client's handshake; a kubelet's refusal is relayed as it came."""
+        exec_like = route.kind != "portforward"
+        protocol = wsbridge.V5 if exec_like else wsbridge.TUNNEL
+        accept = wsbridge.accept_headers(request, protocol)
+        if not ex.empty_body(request):
+            raise BadRequest("a WebSocket upgrade carries no body")
+        stream = await open_upstream(self.dialer, up)
+        try:
+            upstream = _Upstream(stream, up, ex.limits.idle_timeout)
+            version = "v4.channel.k8s.io" if exec_like else "portforward.k8s.io"
+            await upstream.send(h11.Request(method=b"POST", target=path.encode(), headers=[
+                ("Host", up.authority), ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
+                ("X-Stream-Protocol-Version", version), ("Content-Length", "0")]))
+            await upstream.send(h11.EndOfMessage())
+            event = await receive_head(upstream, None, self.response_timeout)
+            if not (isinstance(event, h11.InformationalResponse) and event.status_code == 101):
+                await relay_body(ex, request, upstream, event, None, None)
+                return False
+            await ex.send(h11.InformationalResponse(status_code=101, headers=accept))
+            log.info("%s: WebSocket %s from the client, SPDY %s to %s", route.kind, protocol, version, up.what,
+                     extra={"peer": str(ex.peer)})
+            leftover = bytes(upstream.conn.trailing_data[0])
+            if exec_like:
+                flags = dict(parse_qsl(path.partition("?")[2]))
+                await wsbridge.translate_exec(ex, stream, leftover, flags.get("input") == "1", flags.get("tty") == "1")
+            else:
+                await wsbridge.tunnel(ex, stream, leftover)
+            return False
+        finally:
+            await stream.close()
 
     async def read(self, ex: Exchange, request: h11.Request, read: kubeapi.ReadRoute) -> bool:
         """Answer a read of the API surface (:mod:`proxy.kubeapi`)."""

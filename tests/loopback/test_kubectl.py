@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,11 @@ from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 from tunneld.dev.podapps import ECHO_PORT
+
+
+def bridged(caplog: pytest.LogCaptureFixture, kind: str) -> int:
+    """How many WebSocket sessions of ``kind`` the gateway translated to SPDY (0 when kubectl spoke SPDY)."""
+    return sum(1 for r in caplog.records if r.name == "proxy.api" and r.getMessage().startswith(f"{kind}: WebSocket"))
 
 
 @pytest.fixture
@@ -73,7 +80,9 @@ async def test_logs_follow(cluster: DevCluster, gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "spdy"])
-async def test_exec_stdin_and_exit_codes(cluster: DevCluster, gw: Gateway, websockets: bool) -> None:
+async def test_exec_stdin_and_exit_codes(cluster: DevCluster, gw: Gateway, websockets: bool,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "proxy.api")
     payload = os.urandom(300_000)
     r = await kubectl.run([*base(cluster), "exec", "-i", "web-2", "--", "cat"], stdin=payload, websockets=websockets)
     assert r.code == 0, r.err
@@ -85,6 +94,7 @@ async def test_exec_stdin_and_exit_codes(cluster: DevCluster, gw: Gateway, webso
     assert (r.code, r.out) == (0, b"hi there\n"), r.err
     r = await kubectl.run([*base(cluster), "exec", "web-2", "--", "nosuch"], websockets=websockets)
     assert r.code == 127 and b"nosuch: command not found" in r.err
+    assert bridged(caplog, "exec") == (4 if websockets else 0)  # no silent fallback to SPDY
     await wait_for(lambda: sum(t.counters.open_channels for t in gw.pool.tunnels.values()) == 0,
                    what="every channel released")
 
@@ -98,7 +108,9 @@ async def test_attach(cluster: DevCluster, gw: Gateway, websockets: bool) -> Non
 
 
 @pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "spdy"])
-async def test_port_forward_is_byte_exact(cluster: DevCluster, gw: Gateway, websockets: bool) -> None:
+async def test_port_forward_is_byte_exact(cluster: DevCluster, gw: Gateway, websockets: bool,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "proxy.api")
     proc = await kubectl.start([*base(cluster), "port-forward", "pod/web-1", f":{ECHO_PORT}"], websockets=websockets)
     try:
         assert proc.stdout is not None
@@ -115,26 +127,24 @@ async def test_port_forward_is_byte_exact(cluster: DevCluster, gw: Gateway, webs
             assert len(got) == size and got == payload
     finally:
         await kubectl.stop(proc)
+    assert bridged(caplog, "portforward") == (1 if websockets else 0)
     await wait_for(lambda: sum(t.counters.open_channels for t in gw.pool.tunnels.values()) == 0,
                    what="every channel released")
 
 
 @pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "spdy"])
-async def test_cp_both_ways(cluster: DevCluster, gw: Gateway, websockets: bool, tmp_path: os.PathLike[str]) -> None:
-    local = os.path.join(tmp_path, "up.bin")
+async def test_cp_both_ways(cluster: DevCluster, gw: Gateway, websockets: bool, tmp_path: Path) -> None:
+    local, back, hello = tmp_path / "up.bin", tmp_path / "back.bin", tmp_path / "hello.txt"
     data = os.urandom(200_000)
-    with open(local, "wb") as f:
-        f.write(data)
-    r = await kubectl.run([*base(cluster), "cp", local, "default/web-1:/tmp/up.bin"], websockets=websockets)
+    local.write_bytes(data)
+    r = await kubectl.run([*base(cluster), "cp", str(local), "default/web-1:/tmp/up.bin"], websockets=websockets)
     assert r.code == 0, r.err
     assert cluster.kubelets[0].pods[0].fs.files["/tmp/up.bin"] == data
-    back = os.path.join(tmp_path, "back.bin")
-    r = await kubectl.run([*base(cluster), "cp", "default/web-1:/tmp/up.bin", back], websockets=websockets)
+    r = await kubectl.run([*base(cluster), "cp", "default/web-1:/tmp/up.bin", str(back)], websockets=websockets)
     assert r.code == 0, r.err
-    with open(back, "rb") as f:
-        assert f.read() == data
-    r = await kubectl.run([*base(cluster), "cp", "default/web-1:/srv/hello.txt", os.path.join(tmp_path, "h")],
-                          websockets=websockets)
+    assert back.read_bytes() == data
+    r = await kubectl.run([*base(cluster), "cp", "default/web-1:/srv/hello.txt", str(hello)], websockets=websockets)
     assert r.code == 0, r.err
-    with open(os.path.join(tmp_path, "h"), "rb") as f:
-        assert f.read() == b"hello from web-1/nginx\n"
+    assert hello.read_bytes() == b"hello from web-1/nginx\n"
+    r = await kubectl.run([*base(cluster), "cp", "default/web-1:/nope", str(tmp_path / "x")], websockets=websockets)
+    assert r.code != 0 and not (tmp_path / "x").exists()
