@@ -133,8 +133,8 @@ class APIProxyFront:
                      extra={"peer": str(ex.peer)})
             leftover = bytes(upstream.conn.trailing_data[0])
             if exec_like:
-                flags = dict(parse_qsl(path.partition("?")[2]))
-                await wsbridge.translate_exec(ex, stream, leftover, flags.get("input") == "1", flags.get("tty") == "1")
+                flags = {k for k, v in parse_qsl(path.partition("?")[2]) if v == "1"}
+                await wsbridge.translate_exec(ex, stream, leftover, flags)
             else:
                 await wsbridge.tunnel(ex, stream, leftover)
             return False

@@ -166,14 +166,17 @@ async def _pump_up(sock: ClientSocket, streams: dict[int, SPDYStream]) -> None:
             await target.write(data)
 
 
-async def translate_exec(ex: Exchange, upstream: Stream, leftover: bytes, stdin: bool, tty: bool) -> None:
-    """Run the v5 -> SPDY v4 translator after both upgrades; returns when the session is over."""
+async def translate_exec(ex: Exchange, upstream: Stream, leftover: bytes, flags: set[str]) -> None:
+    """Run the v5 -> SPDY v4 translator after both upgrades; returns when the session is over. ``flags``: which of
+    the kubelet's ``input``, ``output``, ``error``, ``tty`` the request set (one stream each, as client-go opens)."""
     sock = ClientSocket(ex)
     session = Session(upstream, client=True, leftover=leftover)
     outcome, reason = INTERNAL, "the kubelet's session broke"
     tasks: list[asyncio.Task[None]] = []
     try:
-        names = ["error", *(["stdin"] if stdin else []), "stdout", *(["resize"] if tty else ["stderr"])]
+        tty = "tty" in flags
+        names = ["error", *(["stdin"] if "input" in flags else []), *(["stdout"] if "output" in flags else []),
+                 *(["stderr"] if "error" in flags and not tty else []), *(["resize"] if tty else [])]
         opened = {name: await session.open_stream({"streamtype": [name]}) for name in names}
         channels = {"stdin": STDIN, "stdout": STDOUT, "stderr": STDERR, "error": ERROR, "resize": RESIZE}
         writable = {channels[n]: s for n, s in opened.items() if n in ("stdin", "resize")}
@@ -181,7 +184,9 @@ async def translate_exec(ex: Exchange, upstream: Stream, leftover: bytes, stdin:
                  if n in ("stdout", "stderr", "error")]
         up = asyncio.create_task(_pump_up(sock, writable))
         tasks = [*downs, up]
-        await asyncio.wait([asyncio.gather(*downs), up], return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Task[None]] = {*downs, up}
+        while not up.done() and not all(t.done() for t in downs):
+            _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if all(t.done() for t in downs):
             failures = [t.exception() for t in downs if t.exception() is not None]
             if not failures:
