@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import ssl
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import h11
@@ -158,7 +159,7 @@ class APIProxyFront:
                       h11.Data(data=data if request.method == b"GET" else b""), h11.EndOfMessage())
         return True
 
-    async def _document(self, read: kubeapi.ReadRoute) -> dict[str, object]:
+    async def _document(self, read: kubeapi.ReadRoute) -> dict[str, Any]:
         if read.kind == "version":
             return kubeapi.version(self.gateway_version)
         if read.kind == "discovery":
