@@ -18,15 +18,17 @@ import asyncio
 import logging
 import random
 import ssl
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import h11
 
+from proxy import kubeapi, wsbridge
 from proxy.client import get
 from proxy.dialer import Dialer
 from proxy.directory import Directory, NodeInfo, PodCache, PodConflict, PodInfo
 from proxy.errors import BadRequest, RouteError, UpstreamError, UpstreamTimeout
-from proxy.forward import Upstream, forward, open_upstream
+from proxy.forward import Upstream, _Upstream, forward, open_upstream, receive_head, relay_body
 from proxy.framing import is_upgrade
 from proxy.podlist import MAX_POD_LIST_BYTES, PodListRefused, parse_pod_list
 from proxy.routes import Route, parse
@@ -53,7 +55,11 @@ class APIProxyFront:
     def __init__(
         self, dialer: Dialer, directory: Directory, *, kubelet_tls: ssl.SSLContext,
         target_tls: ssl.SSLContext, pods_refresh: float = 30.0, response_timeout: float = 60.0,
+        node_states: kubeapi.NodeStates = dict, gateway_version: str = "0",
     ) -> None:
+        self.node_states = node_states
+        """The tunnels' states by node name (a Node's Ready condition), from the daemon."""
+        self.gateway_version = gateway_version
         self.dialer = dialer
         self.directory = directory
         self.kubelet_tls = kubelet_tls
@@ -88,13 +94,98 @@ class APIProxyFront:
 
     async def handle(self, ex: Exchange, request: h11.Request) -> bool:
         """Serve one request; True when the connection may carry another. Raises :class:`~proxy.errors.ProxyError`."""
+        read = kubeapi.read_route(request.target.decode("ascii", "replace"))
+        if read is not None:
+            return await self.read(ex, request, read)
         route = parse(request.target.decode("ascii", "replace"))
         up, path, upgrade_required = await self._resolve(route, request)
         if upgrade_required and not is_upgrade(request):
             raise BadRequest("Upgrade request required")
+        protocols = wsbridge.offered(request)
+        if (route.kind in ("exec", "attach") and wsbridge.V5 in protocols) or (
+                route.kind == "portforward" and wsbridge.TUNNEL in protocols):
+            return await self._bridge(ex, request, route, up, path)
         prefix = route.prefix if route.kind in ("node", "pod", "service") else None
         return await forward(ex, request, self.dialer, up, path, location_prefix=prefix,
                              response_timeout=self.response_timeout)
+
+    async def _bridge(self, ex: Exchange, request: h11.Request, route: Route, up: Upstream, path: str) -> bool:
+        """A WebSocket client, a SPDY kubelet (:mod:`proxy.wsbridge`): upgrade to the kubelet first, then answer the
+        client's handshake; a kubelet's refusal is relayed as it came."""
+        exec_like = route.kind != "portforward"
+        protocol = wsbridge.V5 if exec_like else wsbridge.TUNNEL
+        accept = wsbridge.accept_headers(request, protocol)
+        if not ex.empty_body(request):
+            raise BadRequest("a WebSocket upgrade carries no body")
+        stream = await open_upstream(self.dialer, up)
+        try:
+            upstream = _Upstream(stream, up, ex.limits.idle_timeout)
+            version = "v4.channel.k8s.io" if exec_like else "portforward.k8s.io"
+            await upstream.send(h11.Request(method=b"POST", target=path.encode(), headers=[
+                ("Host", up.authority), ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
+                ("X-Stream-Protocol-Version", version), ("Content-Length", "0")]))
+            await upstream.send(h11.EndOfMessage())
+            event = await receive_head(upstream, None, self.response_timeout)
+            if not (isinstance(event, h11.InformationalResponse) and event.status_code == 101):
+                await relay_body(ex, request, upstream, event, None, None)
+                return False
+            await ex.send(h11.InformationalResponse(status_code=101, headers=accept))
+            log.info("%s: WebSocket %s from the client, SPDY %s to %s", route.kind, protocol, version, up.what,
+                     extra={"peer": str(ex.peer)})
+            leftover = bytes(upstream.conn.trailing_data[0])
+            if exec_like:
+                flags = {k for k, v in parse_qsl(path.partition("?")[2]) if v == "1"}
+                await wsbridge.translate_exec(ex, stream, leftover, flags)
+            else:
+                await wsbridge.tunnel(ex, stream, leftover)
+            return False
+        finally:
+            await stream.close()
+
+    async def read(self, ex: Exchange, request: h11.Request, read: kubeapi.ReadRoute) -> bool:
+        """Answer a read of the API surface (:mod:`proxy.kubeapi`)."""
+        if request.method not in (b"GET", b"HEAD"):
+            raise RouteError(405, f"method {request.method.decode()} not allowed: tunneld's API is read-only")
+        if not ex.empty_body(request):
+            raise BadRequest("a GET carries no body")
+        doc = await self._document(read)
+        as_table = read.kind in ("nodes", "pods") and doc["kind"].endswith("List") and any(
+            n == b"accept" and b"as=table" in v.lower() for n, v in request.headers)
+        if as_table:
+            doc = kubeapi.table(read.kind, doc["items"])
+        data = kubeapi.body(doc)
+        await ex.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"),
+                                                             ("Content-Length", str(len(data)))]),
+                      h11.Data(data=data if request.method == b"GET" else b""), h11.EndOfMessage())
+        return True
+
+    async def _document(self, read: kubeapi.ReadRoute) -> dict[str, Any]:
+        if read.kind == "version":
+            return kubeapi.version(self.gateway_version)
+        if read.kind == "discovery":
+            return kubeapi.discovery(read.path)
+        only = kubeapi.node_selector(read.query)
+        if read.kind == "nodes":
+            states: dict[str, kubeapi.NodeTunnel] = dict(self.node_states())
+            if read.name is not None:
+                node = self.directory.nodes.get(read.name)
+                if node is None:
+                    raise RouteError(404, f'nodes "{read.name}" not found')
+                return kubeapi.node_object(node, states.get(node.name))
+            return kubeapi.listing("nodes", [n for n in kubeapi.nodes(self.directory, states)
+                                     if only is None or n["metadata"]["name"] == only])
+        if read.name is not None:
+            assert read.namespace is not None
+            try:
+                pod = await self.pods.get(read.namespace, read.name)
+            except PodConflict as exc:
+                raise RouteError(502, str(exc)) from exc
+            if pod is None:
+                raise RouteError(404, f'pods "{read.name}" not found')
+            return kubeapi.pod_object(pod)
+        pods = [p for p in await self.pods.listed()
+                if (read.namespace is None or p.namespace == read.namespace) and (only is None or p.node == only)]
+        return kubeapi.listing("pods", [kubeapi.pod_object(p) for p in pods])
 
     async def _resolve(self, route: Route, request: h11.Request) -> tuple[Upstream, str, bool]:
         methods = PROXY_METHODS if route.kind in ("node", "pod", "service") else STREAM_METHODS

@@ -132,6 +132,10 @@ class TCPStream:
         except (ConnectionError, OSError):
             pass
 
+    def abort(self) -> None:
+        """Drop the connection at once, unsent bytes included."""
+        self._writer.transport.abort()
+
 
 class TCPDialer:
     """A :class:`Dialer` that connects directly over TCP (for tests and local targets)."""

@@ -108,9 +108,17 @@ class PodCache:
         if pod is not None:
             return pod
         now = self._clock()
-        if self._refreshed_at is None or now - self._refreshed_at >= self.min_refresh:
+        if self._refreshed_at is None or self.unlisted or now - self._refreshed_at >= self.min_refresh:
             await self.refresh()
         return self._lookup(namespace, name)
+
+    async def listed(self) -> list[PodInfo]:
+        """Every pod no two nodes claim, refreshed first unless the last refresh is under ``min_refresh`` old and
+        listed every node."""
+        if (self._refreshed_at is None or self.unlisted
+                or self._clock() - self._refreshed_at >= self.min_refresh):
+            await self.refresh()
+        return sorted(self._pods.values(), key=lambda p: (p.namespace, p.name))
 
     def _lookup(self, namespace: str, name: str) -> PodInfo | None:
         nodes = self.conflicts.get((namespace, name))

@@ -204,7 +204,8 @@ async def switch_protocols(ex: Exchange, request: h11.Request, upstream: _Upstre
         await body
     await ex.send(h11.InformationalResponse(status_code=101, headers=list(event.headers), reason=event.reason))
     leftover = upstream.conn.trailing_data[0]
-    await splice(ex.reader, ex.writer, upstream.stream, to_stream=ex.switched(), to_client=leftover)
+    await splice(ex.reader, ex.writer, upstream.stream, to_stream=ex.switched(), to_client=leftover,
+                 until_client_ends=True)
 
 
 async def relay_body(ex: Exchange, request: h11.Request, upstream: _Upstream, event: h11.Response,

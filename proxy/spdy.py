@@ -28,6 +28,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxy.dialer import Stream
+from proxy.errors import StreamError
+
 VERSION = 3
 DATA, SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE = 0, 1, 2, 3, 4, 6, 7, 8, 9
 FLAG_FIN = 0x01
@@ -276,12 +279,13 @@ class SPDYStream:
 
 
 class Session:
-    """A SPDY session over an upgraded connection. The side that sent the upgrade request opens odd stream ids."""
+    """A SPDY session over an upgraded connection (any :class:`~proxy.dialer.Stream`; ``leftover`` is what was read
+    past the upgrade). The side that sent the upgrade request opens odd stream ids."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, client: bool,
-                 on_stream: Callable[[SPDYStream], None] | None = None, max_streams: int = MAX_STREAMS) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, stream: Stream, *, client: bool, on_stream: Callable[[SPDYStream], None] | None = None,
+                 max_streams: int = MAX_STREAMS, leftover: bytes = b"") -> None:
+        self.stream = stream
+        self._leftover = leftover
         self.codec = FrameCodec()
         self.streams: dict[int, SPDYStream] = {}
         self._next_id = 1 if client else 2
@@ -295,8 +299,10 @@ class Session:
 
     async def send(self, frame: Frame) -> None:
         async with self._write_lock:  # header compression state is shared: frames are encoded in send order
-            self.writer.write(self.codec.encode(frame))
-            await self.writer.drain()
+            try:
+                await self.stream.write(self.codec.encode(frame))
+            except StreamError as exc:
+                raise ConnectionResetError(str(exc)) from exc
 
     async def open_stream(self, headers: Headers, timeout: float = 10.0) -> SPDYStream:
         """SYN_STREAM with ``headers``; returns once the peer's SYN_REPLY arrived."""
@@ -314,15 +320,17 @@ class Session:
 
     async def _read_loop(self) -> None:
         try:
-            while data := await self.reader.read(65536):
+            data = self._leftover or await self.stream.read(65536)
+            while data:
                 for frame in self.codec.feed(data):
                     await self._dispatch(frame)
+                data = await self.stream.read(65536)
             self.error = None
         except SPDYError as exc:
             self.error = str(exc)
             with contextlib.suppress(ConnectionError, OSError):
                 await self.send(Frame(GOAWAY, 0, status=RST_PROTOCOL_ERROR))
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, StreamError) as exc:
             self.error = f"connection lost: {exc}"
         finally:
             for stream in list(self.streams.values()):
@@ -390,13 +398,17 @@ class Session:
 
     async def close(self) -> None:
         """End the session: GOAWAY, then close the connection and wait for the reader to stop."""
-        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-            async with asyncio.timeout(1.0):  # a peer that reads nothing cannot hold the close up
-                await self.send(Frame(GOAWAY, 0))
-        if self.writer.transport.get_write_buffer_size():
-            self.writer.transport.abort()  # unsent bytes for a peer that stopped reading: drop them
-        else:
-            self.writer.close()
+        if not self.closed.is_set():
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):  # a peer that reads nothing cannot hold the close up
+                    await self.send(Frame(GOAWAY, 0))
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        try:
+            async with asyncio.timeout(1.0):
+                await self.stream.close()
+        except TimeoutError:  # unsent bytes for a peer that stopped reading: drop them
+            abort = getattr(self.stream, "abort", None)
+            if abort is not None:
+                abort()

@@ -34,11 +34,15 @@ async def splice(
     *,
     to_stream: bytes = b"",
     to_client: bytes = b"",
+    until_client_ends: bool = False,
 ) -> SpliceResult:
     """Copy ``reader`` -> ``stream`` and ``stream`` -> ``writer`` until both directions end.
 
     ``to_stream`` / ``to_client`` are bytes already read past a protocol switch that must go first.
     Closes ``stream``; aborts ``writer`` if the stream broke, otherwise leaves closing it to the caller.
+    With ``until_client_ends`` the splice ends as soon as the client's end of data has been passed on: for upgraded
+    sessions (SPDY, WebSocket) whose clients never half-close, over streams that cannot half-close (TLS), as the
+    apiserver's upgrade proxy ends with either side.
     """
     result = SpliceResult()
 
@@ -80,6 +84,8 @@ async def splice(
             for task in done:
                 exc = task.exception()
                 if exc is None:
+                    if until_client_ends and task is tasks[0]:
+                        pending = set()  # the finally below cancels the other direction
                     continue
                 result.broken = str(exc) or type(exc).__name__
                 if isinstance(exc, StreamError):
@@ -95,6 +101,7 @@ async def splice(
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await stream.close()
     return result
 

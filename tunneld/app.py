@@ -18,6 +18,7 @@ from proxy.apiproxy import APIProxyFront
 from proxy.connect import ConnectFront
 from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
 from proxy.grpcfront import GRPCLimits, KonnectivityFront
+from proxy.kubeapi import NodeTunnel
 from proxy.policy import Policy, PolicyDialer, PortSet
 from proxy.server import Limits, Server
 from tunneld import __version__
@@ -103,7 +104,7 @@ class Gateway:
             self.dialer, self.directory,
             kubelet_tls=self.tls.client("kubelet client", kubelet_client, self._set_kubelet_tls),
             target_tls=self.tls.client("proxy targets", proxy_targets, self._set_target_tls),
-            pods_refresh=config.proxy.pods_refresh,
+            pods_refresh=config.proxy.pods_refresh, node_states=self.node_states, gateway_version=__version__,
         )
         lim = config.limits
         limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
@@ -130,6 +131,11 @@ class Gateway:
 
     def _set_target_tls(self, ctx: ssl.SSLContext) -> None:
         self.api_front.target_tls = ctx
+
+    def node_states(self) -> dict[str, NodeTunnel]:
+        """Each node's tunnel, for the Ready condition of the read-only API's Nodes (not the kubelet's word)."""
+        return {name: NodeTunnel(t.state.value == "up", t.state.value, t.machine.since, t.machine.last_error)
+                for name, t in self.pool.tunnels.items()}
 
     def csr_counts(self) -> dict[str, int]:
         """Certificate signing requests by state (empty without ``[api]``), refreshed by the signer loop."""

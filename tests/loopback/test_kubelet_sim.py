@@ -20,6 +20,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from proxy import spdy
+from proxy.dialer import TCPStream
 from tunneld.dev.kubelet import KubeletSim, SimPod
 from tunneld.dev.pki import DevCA, server_context
 from tunneld.dev.podapps import ECHO_PORT, HTTP_PORT, HTTPS_PORT, pattern
@@ -72,29 +74,74 @@ def ws(env: Env, path: str, *protocols: str) -> connect:
                    max_size=None, open_timeout=10, close_timeout=5)
 
 
-@pytest.mark.both_loops
-async def test_exec_cat_v5_is_byte_exact_and_ends_with_success(env: Env) -> None:
-    data = os.urandom(300_000)
-    async with ws(env, "/exec/default/web/nginx?command=cat&input=1&output=1&error=1",
-                  "v4.channel.k8s.io", "v5.channel.k8s.io") as conn:
-        assert conn.subprotocol == "v5.channel.k8s.io", "v5 is preferred when offered"
-        got = bytearray()
+# What a kubelet 1.32 with default feature gates accepts, from its source: WebSocket subprotocols in
+# pkg/kubelet/cri/streaming/remotecommand/websocket.go (exec/attach) and portforward/websocket.go (the handshake takes
+# the client's first offered protocol it supports; none offered counts as ""; no match is a 403), SPDY versions from
+# remotecommand's supported stream protocols and portforward's (httpstream.Handshake: first client version supported,
+# 403 otherwise, 400 without X-Stream-Protocol-Version). v5.channel.k8s.io and the port-forward tunnelling protocol
+# are kube-apiserver's (translated there, and by the gateway), not the kubelet's.
+KUBELET_WEBSOCKET = {
+    "exec": {"", "channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io"},
+    "portForward": {"", "v4.channel.k8s.io", "v4.base64.channel.k8s.io"},
+}
+KUBELET_SPDY = {
+    "exec": {"v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"},
+    "portForward": {"portforward.k8s.io"},
+}
+CANDIDATES = ["", "channel.k8s.io", "base64.channel.k8s.io", "v2.channel.k8s.io", "v3.channel.k8s.io",
+              "v4.channel.k8s.io", "v4.base64.channel.k8s.io", "v5.channel.k8s.io", "portforward.k8s.io",
+              "SPDY/3.1+portforward.k8s.io", "v2.portforward.k8s.io"]
+URLS = {"exec": "/exec/default/web/nginx?command=cat&input=1&output=1",
+        "portForward": f"/portForward/default/web?port={ECHO_PORT}"}
 
-        async def read_stdout() -> None:
-            while len(got) < len(data):
-                msg = await conn.recv()
-                assert isinstance(msg, bytes) and msg[0] == 1, msg[:20]
-                got.extend(msg[1:])
 
-        reader = asyncio.create_task(read_stdout())
-        for i in range(0, len(data), 7000):
-            await conn.send(b"\x00" + data[i:i + 7000])
-        await asyncio.wait_for(reader, 10)
-        assert bytes(got) == data
-        await conn.send(bytes([255, 0]))  # v5: stdin closed -> cat exits
-        rest = await recv_until_closed(conn)
-        assert status_of(rest) == {"metadata": {}, "status": "Success"}
-        assert conn.close_code == 1000
+async def test_the_websocket_protocols_are_exactly_the_kubelets(env: Env) -> None:
+    for kind, url in URLS.items():
+        for protocol in CANDIDATES:
+            offered = [protocol] if protocol else []
+            if "/" in protocol:  # not a token the websockets client will send: a raw handshake
+                reader, writer = await asyncio.open_connection(env.kubelet.address, env.kubelet.port,
+                                                               ssl=env.client_tls)
+                writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                             "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                             f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n".encode())
+                line = await asyncio.wait_for(reader.readline(), 5)
+                writer.close()
+                assert line.startswith(b"HTTP/1.1 403"), (kind, protocol, line)
+                continue
+            try:
+                async with ws(env, url, *offered) as conn:
+                    got: int | str = conn.subprotocol or ""
+            except InvalidStatus as exc:
+                got = exc.response.status_code
+            expected = protocol if protocol in KUBELET_WEBSOCKET[kind] else 403
+            assert got == expected, (kind, protocol)
+    # The client's order decides.
+    async with ws(env, URLS["exec"], "v5.channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io") as conn:
+        assert conn.subprotocol == "base64.channel.k8s.io"
+
+
+async def spdy_upgrade(env: Env, url: str, versions: list[str]) -> tuple[bytes, asyncio.StreamReader,
+                                                                         asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(env.kubelet.address, env.kubelet.port, ssl=env.client_tls)
+    writer.write(f"POST {url} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n".encode()
+                 + b"".join(f"X-Stream-Protocol-Version: {v}\r\n".encode() for v in versions) + b"\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return head, reader, writer
+
+
+async def test_the_spdy_versions_are_exactly_the_kubelets(env: Env) -> None:
+    for kind, url in URLS.items():
+        for version in CANDIDATES:
+            head, _, writer = await spdy_upgrade(env, url, [version] if version else [])
+            writer.close()
+            status = int(head.split()[1])
+            if version in KUBELET_SPDY[kind]:
+                assert status == 101 and f"X-Stream-Protocol-Version: {version}".encode() in head, (kind, version)
+            else:
+                assert status == (403 if version else 400), (kind, version, head)
+                if version:
+                    assert b"X-Accepted-Stream-Protocol-Versions" in head
 
 
 async def test_exec_base64_protocol_and_attach(env: Env) -> None:
@@ -138,7 +185,7 @@ async def test_stream_refusals(env: Env) -> None:
     with pytest.raises(InvalidStatus) as exc:
         async with ws(env, "/exec/default/web/nginx?command=cat", "chat.example"):
             pass
-    assert exc.value.response.status_code == 400
+    assert exc.value.response.status_code == 403
     # No Upgrade at all: 400.
     reader, writer = await asyncio.open_connection(env.kubelet.address, env.kubelet.port, ssl=env.client_tls)
     writer.write(b"GET /exec/default/web/nginx?command=cat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -151,7 +198,7 @@ async def test_stream_refusals(env: Env) -> None:
 async def test_portforward_moves_1mib_byte_exact_through_the_pod_echo(env: Env) -> None:
     data = os.urandom(1024 * 1024)
     async with ws(env, f"/portForward/default/web?port={ECHO_PORT}", "portforward.k8s.io",
-                  "v4.channel.k8s.io") as conn:
+                  "v4.channel.k8s.io", "v4.base64.channel.k8s.io") as conn:
         assert conn.subprotocol == "v4.channel.k8s.io"
         prefix = ECHO_PORT.to_bytes(2, "little")
         assert [await conn.recv(), await conn.recv()] == [b"\x00" + prefix, b"\x01" + prefix]
@@ -178,27 +225,51 @@ async def test_portforward_connect_error_goes_on_the_error_channel(env: Env) -> 
 
 
 @pytest.mark.both_loops
-async def test_spdy_upgrade_gets_101_and_echoes_bytes(env: Env) -> None:
-    reader, writer = await asyncio.open_connection(env.kubelet.address, env.kubelet.port, ssl=env.client_tls)
-    payload = os.urandom(200_000)
-    writer.write(
-        b"POST /exec/default/web/nginx?command=cat&input=1 HTTP/1.1\r\nHost: x\r\n"
-        b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
-        b"X-Stream-Protocol-Version: v4.channel.k8s.io\r\nX-Stream-Protocol-Version: channel.k8s.io\r\n\r\n"
-        + payload
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "HTTP/1.1 101 Switching Protocols"
-    assert {"Connection: Upgrade", "Upgrade: SPDY/3.1", "X-Stream-Protocol-Version: v4.channel.k8s.io"} <= set(lines)
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
-    writer.close()
+async def test_spdy_exec_and_portforward_speak_spdy_streams(env: Env) -> None:
+    head, reader, writer = await spdy_upgrade(env, "/exec/default/web/nginx?command=cat&input=1&output=1&error=1",
+                                              ["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"])
+    assert head.startswith(b"HTTP/1.1 101") and b"X-Stream-Protocol-Version: v4.channel.k8s.io" in head
+    session = spdy.Session(TCPStream(reader, writer), client=True)
+    try:
+        streams = {t: await session.open_stream({"streamtype": [t]}) for t in ("error", "stdin", "stdout", "stderr")}
+        payload = os.urandom(200_000)
+        await streams["stdin"].write(payload, fin=True)
+        got = b""
+        while chunk := await asyncio.wait_for(streams["stdout"].read(), 10):
+            got += chunk
+        assert got == payload
+        status = b""
+        while chunk := await asyncio.wait_for(streams["error"].read(), 10):
+            status += chunk
+        assert json.loads(status) == {"metadata": {}, "status": "Success"}
+        await asyncio.wait_for(session.closed.wait(), 5)  # the kubelet ended the session
+    finally:
+        await session.close()
+    head, reader, writer = await spdy_upgrade(env, "/portForward/default/web", ["portforward.k8s.io"])
+    session = spdy.Session(TCPStream(reader, writer), client=True)
+    try:
+        hdrs = {"port": [str(ECHO_PORT)], "requestid": ["0"]}
+        error = await session.open_stream({"streamtype": ["error"], **hdrs})
+        data = await session.open_stream({"streamtype": ["data"], **hdrs})
+        await data.write(b"through spdy", fin=True)
+        got = b""
+        while chunk := await asyncio.wait_for(data.read(), 10):
+            got += chunk
+        assert got == b"through spdy" and await asyncio.wait_for(error.read(), 10) == b""
+        bad = await session.open_stream({"streamtype": ["data"], "port": ["0"]})  # a bad port: reset
+        with pytest.raises(spdy.SPDYError, match="reset"):
+            await asyncio.wait_for(bad.read(), 10)
+        hdrs = {"port": ["9"], "requestid": ["1"]}  # nothing listens: the error stream says so
+        error = await session.open_stream({"streamtype": ["error"], **hdrs})
+        await session.open_stream({"streamtype": ["data"], **hdrs})
+        message = await asyncio.wait_for(error.read(), 10)
+        assert b"error forwarding port 9" in message and b"refused" in message
+    finally:
+        await session.close()
     # An unknown pod is not upgraded: 404.
-    reader, writer = await asyncio.open_connection(env.kubelet.address, env.kubelet.port, ssl=env.client_tls)
-    writer.write(b"GET /portForward/default/ghost?port=1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                 b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
-    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 404")
+    head, _, writer = await spdy_upgrade(env, "/portForward/default/ghost?port=1", ["portforward.k8s.io"])
     writer.close()
+    assert head.startswith(b"HTTP/1.1 404")
 
 
 async def http(host: str, port: int, request: bytes, tls: ssl.SSLContext | None = None,

@@ -21,6 +21,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from proxy import spdy
+from proxy.dialer import TCPStream
+from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 from tunneld.dev.podapps import ECHO_PORT, pattern
@@ -179,14 +182,51 @@ async def test_spdy_upgrade_passes_through(gw: Gateway) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
     payload = os.urandom(512 * 1024)
     writer.write(
-        f"POST {NS}/default/pods/web-1/exec?command=cat&stdin=true HTTP/1.1\r\nHost: x\r\n".encode()
+        f"POST {NS}/default/pods/web-1/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\nHost: x\r\n".encode()
         + b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101 ") and b"SPDY/3.1" in head, head
-    writer.write(payload)
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 15) == payload
-    writer.close()
+    session = spdy.Session(TCPStream(reader, writer), client=True)
+    try:
+        streams = {t: await session.open_stream({"streamtype": [t]}) for t in ("error", "stdin", "stdout")}
+        await streams["stdin"].write(payload, fin=True)
+        got = b""
+        while chunk := await asyncio.wait_for(streams["stdout"].read(), 15):
+            got += chunk
+        assert got == payload
+        status = b""
+        while chunk := await asyncio.wait_for(streams["error"].read(), 10):
+            status += chunk
+        assert json.loads(status)["status"] == "Success"
+    finally:
+        await session.close()
+
+
+async def test_hostile_websocket_clients_of_the_v5_translator(gw: Gateway) -> None:
+    """Text messages, writes to output channels, malformed close messages: each ends the session with a protocol
+    close code (never 1000), and every channel is released."""
+    url = f"{NS}/default/pods/web-1/exec?command=cat&stdin=true&stdout=true"
+    cases = [("text", 1003), (b"\x01not yours", 1002), (b"\xff\x00\x00", 1002), (b"", 1002), (b"\xff", 1002)]
+    for message, code in cases:
+        conn = await ws(gw, url, "v5.channel.k8s.io")
+        await conn.send(b"\x00ok")
+        assert await asyncio.wait_for(conn.recv(), 10) == b"\x01ok"
+        await conn.send(message)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(10):
+                await conn.recv()
+        assert conn.close_code == code, (message, conn.close_code)
+    big = os.urandom(3 * 1024 * 1024)  # one large message: streamed a fragment at a time, byte-exact
+    conn = await ws(gw, url, "v5.channel.k8s.io")
+    reading = asyncio.create_task(read_channel(conn, 1, len(big)))
+    await conn.send(b"\x00" + big)
+    assert await asyncio.wait_for(reading, 20) == big
+    await conn.send(bytes([255, 0]))
+    assert status_of(await recv_until_closed(conn))["status"] == "Success"
+    assert conn.close_code == 1000
+    await wait_for(lambda: sum(t.counters.open_channels for t in gw.pool.tunnels.values()) == 0,
+                   what="every channel released")
 
 
 async def test_stopping_with_an_open_exec_session_cuts_it_quietly(cluster: DevCluster,

@@ -11,6 +11,7 @@ import zlib
 import pytest
 
 from proxy import spdy
+from proxy.dialer import TCPStream
 
 
 def test_the_dictionary_is_the_spdy3_one() -> None:
@@ -90,8 +91,8 @@ async def _pair() -> tuple[spdy.Session, spdy.Session, asyncio.Queue[spdy.SPDYSt
     incoming: asyncio.Queue[spdy.SPDYStream] = asyncio.Queue()
     ra, wa = await asyncio.open_connection(sock=a)
     rb, wb = await asyncio.open_connection(sock=b)
-    client = spdy.Session(ra, wa, client=True)
-    server = spdy.Session(rb, wb, client=False, on_stream=incoming.put_nowait)
+    client = spdy.Session(TCPStream(ra, wa), client=True)
+    server = spdy.Session(TCPStream(rb, wb), client=False, on_stream=incoming.put_nowait)
     return client, server, incoming
 
 
@@ -126,7 +127,7 @@ async def test_a_reset_or_a_lost_session_is_never_a_clean_end() -> None:
         await asyncio.wait_for(stream.read(), 5)
     second = await client.open_stream({"streamtype": ["stderr"]})
     await asyncio.wait_for(incoming.get(), 5)
-    server.writer.transport.abort()  # the connection drops
+    server.stream._writer.transport.abort()  # type: ignore[attr-defined]  # the connection drops
     with pytest.raises(spdy.SPDYError):
         await asyncio.wait_for(second.read(), 5)
     await client.close()

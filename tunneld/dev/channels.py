@@ -2,17 +2,18 @@
 
 Exec, attach and port-forward multiplex numbered channels over one WebSocket (the subprotocol names the framing):
 
-* binary protocols (``v5.channel.k8s.io``, ``v4.channel.k8s.io``, ``channel.k8s.io``, ``portforward.k8s.io``): every
-  message is binary; its first byte is the channel, the rest is data;
+* binary protocols (none offered, ``v4.channel.k8s.io``, ``channel.k8s.io``): every message is binary; its first
+  byte is the channel, the rest is data;
 * base64 protocols (``base64.channel.k8s.io``, ``v4.base64.channel.k8s.io``): every message is text; its first
   character is the channel digit, the rest is the data in base64;
-* ``v5.channel.k8s.io`` adds one control message: ``[255, ch]`` means the client closed channel ``ch`` (stdin EOF).
+* ``v5.channel.k8s.io`` (``[255, ch]``: the client closed channel ``ch``) is not a kubelet protocol: kube-apiserver
+  (and the gateway) translate it to SPDY. Over these protocols stdin ends only with the WebSocket.
 
 Exec/attach channels: 0 stdin, 1 stdout, 2 stderr, 3 error (the final metav1.Status as JSON), 4 resize.
 Port-forward: the i-th requested port uses data channel ``2i`` and error channel ``2i+1``; the server first sends on
 both a message whose data is the port as 2 bytes little-endian.
 
-The commands the simulated containers understand are in :func:`run_command`.
+The commands the simulated containers understand are in :mod:`tunneld.dev.commands`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
-import re
-import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,15 +33,14 @@ log = logging.getLogger("tunneld.dev.kubelet")
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
 CLOSE_SIGNAL = 255
-V5 = "v5.channel.k8s.io"
-EXEC_PROTOCOLS = (V5, "v4.channel.k8s.io", "channel.k8s.io", "base64.channel.k8s.io", "v4.base64.channel.k8s.io")
-"""Exec/attach subprotocols, most preferred first."""
-PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
-"""Port-forward subprotocols, most preferred first."""
+EXEC_PROTOCOLS = ("", "channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io")
+"""WebSocket subprotocols a kubelet 1.32 (default feature gates) accepts for exec and attach ("" = none offered);
+``v5.channel.k8s.io`` is the apiserver's (it translates to SPDY), not the kubelet's."""
+PORTFORWARD_PROTOCOLS = ("", "v4.channel.k8s.io", "v4.base64.channel.k8s.io")
+"""WebSocket subprotocols a kubelet 1.32 accepts for port-forward."""
 BASE64_PROTOCOLS = frozenset({"base64.channel.k8s.io", "v4.base64.channel.k8s.io"})
 MAX_MESSAGE = 16 * 1024 * 1024
 READ = 64 * 1024
-_EXIT = re.compile(r"^\s*exit\s+([0-9]{1,3})\s*$")
 
 
 class ProtocolError(Exception):
@@ -56,8 +53,9 @@ def offered_protocols(headers: Any) -> list[str]:
 
 
 def negotiate(offered: list[str], supported: tuple[str, ...]) -> str | None:
-    """The first of ``supported`` (our order of preference) that the client offers, or None."""
-    return next((p for p in supported if p in offered), None)
+    """The first protocol the client offers (in the client's order, as the kubelet's handshake picks) that is
+    ``supported``; offering none counts as offering ``""``. None: no match (the kubelet answers 403)."""
+    return next((p for p in offered or [""] if p in supported), None)
 
 
 @dataclass(frozen=True)
@@ -100,10 +98,6 @@ class ChannelConn:
                 raw: bytes = msg.data
                 if not raw:
                     continue
-                if raw[0] == CLOSE_SIGNAL and self.protocol == V5:
-                    if len(raw) != 2:
-                        raise ProtocolError("a v5 close message is exactly [255, channel]")
-                    return Frame(raw[1], close=True)
                 return Frame(raw[0], raw[1:])
             if msg.type == WSMsgType.TEXT and self.base64:
                 text: str = msg.data
@@ -121,67 +115,6 @@ class ChannelConn:
         """Close the WebSocket normally (1000)."""
         with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
             await self.ws.close()
-
-
-def status_json(code: int, argv: list[str]) -> bytes:
-    """The metav1.Status the kubelet sends on the error channel when a command ends."""
-    if code == 0:
-        status: dict[str, Any] = {"metadata": {}, "status": "Success"}
-    else:
-        status = {
-            "metadata": {},
-            "status": "Failure",
-            "message": f"command terminated with non-zero exit code: error executing command "
-                       f"[{' '.join(argv)}], exit code {code}",
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
-        }
-    return json.dumps(status, separators=(",", ":")).encode()
-
-
-async def _copy_stdin(conn: ChannelConn) -> None:
-    """``cat``: stdin to stdout until stdin ends (a v5 close of channel 0, or the WebSocket closing)."""
-    while True:
-        frame = await conn.receive()
-        if frame is None or (frame.close and frame.channel == STDIN):
-            return
-        if frame.channel == STDIN and frame.data:
-            if not await conn.send(STDOUT, frame.data):
-                return
-        # resize (4) and anything else: nothing to do for a simulated process
-
-
-async def run_command(conn: ChannelConn, argv: list[str], stdin: bool) -> int:
-    """Run a simulated command over ``conn`` and return its exit code.
-
-    ``cat`` copies stdin to stdout until stdin ends; ``echo ARGS...`` prints its arguments; ``sh -c "exit N"``
-    exits with N; anything else prints ``command not found`` on stderr and exits 127. Without ``stdin`` (the
-    request had no ``input=1``) the process sees an empty stdin.
-    """
-    name = argv[0] if argv else ""
-    if name == "cat" and len(argv) == 1:
-        if stdin:
-            await _copy_stdin(conn)
-        return 0
-    if name == "echo":
-        await conn.send(STDOUT, (" ".join(argv[1:]) + "\n").encode())
-        return 0
-    if name == "sh" and len(argv) == 3 and argv[1] == "-c" and (m := _EXIT.match(argv[2])):
-        return int(m.group(1)) % 256
-    await conn.send(STDERR, f"{shlex.join(argv) or '(empty)'}: command not found\n".encode())
-    return 127
-
-
-async def exec_session(conn: ChannelConn, argv: list[str], stdin: bool) -> None:
-    """Run ``argv``, send its status on the error channel, close the WebSocket."""
-    try:
-        code = await run_command(conn, argv, stdin)
-    except ProtocolError as exc:
-        log.info("exec stream protocol error: %s", exc)
-        await conn.close()
-        return
-    await conn.send(ERROR, status_json(code, argv))
-    await conn.close()
 
 
 async def _pump_to_client(conn: ChannelConn, channel: int, reader: asyncio.StreamReader) -> None:

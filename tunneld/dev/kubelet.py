@@ -9,10 +9,17 @@ HTTPS on the kubelet port:
   ``cat`` (the container's main process echoes stdin);
 * ``/portForward/{ns}/{pod}?port=P[&port=Q]`` (or ``port=P,Q``) over WebSocket: each port's bytes go to a new TCP
   connection to that pod port;
-* the same three with ``Upgrade: SPDY/3.1``: a stand-in that answers ``101`` and echoes bytes, without any SPDY
-  framing (see :mod:`tunneld.dev.spdy`). It proves the upgrade and the byte splice through a gateway, nothing more.
+* the same three with ``Upgrade: SPDY/3.1``: SPDY/3.1 sessions with the kubelet's stream semantics
+  (:mod:`tunneld.dev.spdy`, :mod:`tunneld.dev.spdyserve`).
 
-Unknown pod or container: 404. A stream endpoint without an ``Upgrade``: 400. No acceptable WebSocket subprotocol: 400.
+The protocols accepted are exactly a kubelet 1.32's with default feature gates: WebSocket subprotocols
+:data:`~tunneld.dev.channels.EXEC_PROTOCOLS` / :data:`~tunneld.dev.channels.PORTFORWARD_PROTOCOLS` (never
+``v5.channel.k8s.io``), SPDY versions :data:`~tunneld.dev.spdyserve.EXEC_SPDY` /
+:data:`~tunneld.dev.spdyserve.PORTFORWARD_SPDY`. Each pod has an in-memory filesystem
+(:mod:`tunneld.dev.containerfs`) its commands (:mod:`tunneld.dev.commands`) share, so ``kubectl cp`` works.
+
+Unknown pod or container: 404. A stream endpoint without an ``Upgrade``: 400. No acceptable WebSocket subprotocol:
+403, as the kubelet's WebSocket handshake answers; no acceptable SPDY version: 403; none offered: 400.
 Plain HTTP on the healthz port: ``/healthz``, as the real kubelet's ``--healthz-port`` on its loopback.
 
 Every pod runs the apps of :mod:`tunneld.dev.podapps`. In the dev cluster they listen on the node's address with
@@ -33,10 +40,12 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import h11
 from aiohttp import web
 
 from tunneld.dev.channels import (
@@ -44,14 +53,16 @@ from tunneld.dev.channels import (
     MAX_MESSAGE,
     PORTFORWARD_PROTOCOLS,
     ChannelConn,
-    exec_session,
     negotiate,
     offered_protocols,
     portforward_session,
 )
+from tunneld.dev.commands import exec_session
+from tunneld.dev.containerfs import ContainerFS, seed
 from tunneld.dev.pki import server_context
 from tunneld.dev.podapps import DEFAULT_PORTS, PodApps, PodIdentity
-from tunneld.dev.spdy import UpgradeFront
+from tunneld.dev.spdy import Refusal, SPDYRoute, UpgradeFront
+from tunneld.dev.spdyserve import EXEC_SPDY, PORTFORWARD_SPDY, ExecRequest, serve_exec, serve_portforward
 
 LOG_LINES = 20
 SHUTDOWN_TIMEOUT = 1.0
@@ -71,6 +82,11 @@ class SimPod:
     """Container ports (reported on the first container); 8080, 8443 and 7777 have apps behind them."""
     pod_tls: ssl.SSLContext | None = None
     """Serving context of the pod's HTTPS app (falls back to the kubelet's ``pod_tls``)."""
+    fs: ContainerFS = field(default_factory=ContainerFS)
+    """The pod's filesystem (one for all its containers)."""
+
+    def __post_init__(self) -> None:
+        seed(self.fs, self.name, self.containers[0] if self.containers else "")
 
 
 def _norm(host: str) -> str:
@@ -115,7 +131,7 @@ class KubeletSim:
     """Raw items appended to ``/pods`` as they are (tests play a compromised node's kubelet with these)."""
     _runners: list[web.AppRunner] = field(default_factory=list)
     _front: asyncio.Server | None = None
-    _upgraded: set[asyncio.Transport] = field(default_factory=set)
+    _upgraded: set[asyncio.Task[None]] = field(default_factory=set)
     _apps: list[PodApps] = field(default_factory=list)
     _targets: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
 
@@ -129,15 +145,42 @@ class KubeletSim:
         """Where the app of pod IP ``host``, pod port ``port`` really listens; None if no app is there."""
         return self._targets.get((_norm(host), port))
 
-    def _stream_target_known(self, method: str, target: str) -> bool:
-        """Whether ``target`` is an exec/attach/port-forward URL of a pod (and container) on this node."""
-        if method not in ("GET", "POST"):
-            return False
-        parts = [unquote(s) for s in urlsplit(target).path.split("/")[1:]]
+    def _connector(self, pod: SimPod) -> Callable[[int], Awaitable[tuple[asyncio.StreamReader,
+                                                                          asyncio.StreamWriter]]]:
+        async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            target = self.resolve(pod.ip, port)
+            if target is None:
+                raise ConnectionRefusedError(f"dial tcp {pod.ip}:{port}: connect: connection refused")
+            return await asyncio.open_connection(*target)
+        return connect
+
+    def _spdy_route(self, request: h11.Request) -> SPDYRoute | Refusal | None:
+        """How to serve a SPDY upgrade to ``request``'s URL; None for URLs that are not stream endpoints."""
+        if request.method not in (b"GET", b"POST"):
+            return None
+        split = urlsplit(request.target.decode("latin-1"))
+        parts = [unquote(s) for s in split.path.split("/")[1:]]
+        query = parse_qs(split.query, keep_blank_values=True)
+        flag = {k: (query.get(k) or [""])[0] in ("1", "true") for k in ("input", "output", "error", "tty")}
         if len(parts) == 4 and parts[0] in ("exec", "attach"):
             pod = self.find_pod(parts[1], parts[2])
-            return pod is not None and parts[3] in pod.containers
-        return len(parts) == 3 and parts[0] == "portForward" and self.find_pod(parts[1], parts[2]) is not None
+            if pod is None or parts[3] not in pod.containers:
+                return Refusal(404, f"container {parts[1]}/{parts[2]}/{parts[3]} not found")
+            argv = ["cat"] if parts[0] == "attach" else query.get("command", [])
+            if not argv:
+                return Refusal(400, "you must specify a command")
+            if not (flag["input"] or flag["output"] or flag["error"]):
+                return Refusal(400, "you must specify at least 1 of stdin, stdout, stderr")
+            req = ExecRequest(argv, flag["input"], flag["output"], flag["error"], flag["tty"], pod.fs)
+            return SPDYRoute(EXEC_SPDY, lambda session, incoming: serve_exec(session, incoming, req))
+        if len(parts) == 3 and parts[0] == "portForward":
+            found = self.find_pod(parts[1], parts[2])
+            if found is None:
+                return Refusal(404, f"pod {parts[1]}/{parts[2]} not found")
+            connect, describe = self._connector(found), f"{found.namespace}/{found.name}"
+            return SPDYRoute(PORTFORWARD_SPDY,
+                             lambda session, incoming: serve_portforward(session, incoming, connect, describe))
+        return None
 
     # --- plain endpoints -------------------------------------------------------------------------------------
 
@@ -207,14 +250,14 @@ class KubeletSim:
         offered = offered_protocols(request.headers)
         protocol = negotiate(offered, supported)
         if protocol is None:
-            raise web.HTTPBadRequest(text=f"no supported subprotocol among {offered}; expected one of "
-                                          f"{list(supported)}\n")
-        ws = web.WebSocketResponse(protocols=[protocol], max_msg_size=MAX_MESSAGE)
+            raise web.HTTPForbidden(text=f"requested protocol(s) are not supported: {offered}; supports "
+                                         f"{list(supported)}\n")
+        ws = web.WebSocketResponse(protocols=[protocol] if protocol else [], max_msg_size=MAX_MESSAGE)
         await ws.prepare(request)
         return ChannelConn(ws, protocol)
 
     async def _exec(self, request: web.Request) -> web.StreamResponse:
-        self._container(request)  # 404 unless the pod and container exist
+        pod, _ = self._container(request)  # 404 unless the pod and container exist
         if request.path.startswith("/attach/"):
             argv, stdin = ["cat"], True
         else:
@@ -223,7 +266,7 @@ class KubeletSim:
                 raise web.HTTPBadRequest(text="you must specify a command\n")
             stdin = request.query.get("input") in ("1", "true")
         conn = await self._websocket(request, EXEC_PROTOCOLS)
-        await exec_session(conn, argv, stdin)
+        await exec_session(conn, argv, stdin, pod.fs)
         return conn.ws
 
     async def _portforward(self, request: web.Request) -> web.StreamResponse:
@@ -233,14 +276,7 @@ class KubeletSim:
             raise web.HTTPNotFound(text=f"pod {ns}/{name} not found\n")
         ports = _parse_ports(parse_qs(request.query_string).get("port", []))
         conn = await self._websocket(request, PORTFORWARD_PROTOCOLS)
-
-        async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            target = self.resolve(pod.ip, port)
-            if target is None:
-                raise ConnectionRefusedError(f"dial tcp {pod.ip}:{port}: connect: connection refused")
-            return await asyncio.open_connection(*target)
-
-        await portforward_session(conn, ports, connect, f"{ns}/{name}")
+        await portforward_session(conn, ports, self._connector(pod), f"{ns}/{name}")
         return conn.ws
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -277,7 +313,7 @@ class KubeletSim:
             assert server is not None
             loop = asyncio.get_running_loop()
             self._front = await loop.create_server(
-                lambda: UpgradeFront(server, self._stream_target_known, self._upgraded),  # type: ignore[arg-type]
+                lambda: UpgradeFront(server, self._spdy_route, self._upgraded),  # type: ignore[arg-type]
                 self.address, self.port, ssl=self.tls,
             )
             health = web.Application()
@@ -291,11 +327,12 @@ class KubeletSim:
             raise
 
     async def close(self) -> None:
-        """Stop listening, cut open connections (including SPDY stand-in streams), stop the pod apps."""
+        """Stop listening, cut open connections (SPDY sessions included), stop the pod apps."""
         if self._front is not None:
             self._front.close()
-        for transport in list(self._upgraded):
-            transport.abort()
+        for task in list(self._upgraded):
+            task.cancel()
+        await asyncio.gather(*self._upgraded, return_exceptions=True)
         self._upgraded.clear()
         for runner in self._runners:
             with contextlib.suppress(Exception):
