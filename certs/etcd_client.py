@@ -189,7 +189,8 @@ class EtcdClient:
     async def get(self, key: str) -> dict[str, Any] | None:
         """The key's kv (``value`` base64, revisions as strings), or None."""
         kvs = (await self.call("/v3/kv/range", {"key": b64(key)})).get("kvs") or []
-        return kvs[0] if kvs else None  # type: ignore[no-any-return]
+        first = kvs[0] if kvs else None
+        return first if isinstance(first, dict) else None
 
     async def range_page(self, start: bytes, end: bytes, limit: int, revision: int = 0,
                          keys_only: bool = False) -> tuple[list[dict[str, Any]], int, bool]:

@@ -171,8 +171,8 @@ class BootstrapToken:
             return dt.datetime.fromisoformat(str(v)) if v else None
         return cls(
             token_id=str(data["id"]), secret=str(data["secret"]), expires=when(data.get("expires")),
-            usages=tuple(data.get("usages") or ()),  # type: ignore[arg-type]
-            groups=tuple(data.get("groups") or ()),  # type: ignore[arg-type]
+            usages=tuple(str(u) for u in _items(data.get("usages"))),
+            groups=tuple(str(g) for g in _items(data.get("groups"))),
             description=str(data.get("description") or ""),
             node=str(data["node"]) if data.get("node") else None, created=when(data.get("created")),
         )
@@ -275,3 +275,7 @@ class Authenticator:
         return Identity(BOOTSTRAP_USER_PREFIX + token_id, "", groups, method="bootstrap", token_id=token_id,
                         node=stored.node)
 
+
+def _items(value: object) -> list[object]:
+    """A stored list field (absent or empty: no items)."""
+    return list(value) if isinstance(value, list | tuple) else []

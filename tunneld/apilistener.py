@@ -96,10 +96,10 @@ class APIListener:
             peer = "unknown"
         try:
             if self._tls is None:
-                transport, _ = await loop.connect_accepted_socket(self._runner.server, conn)  # type: ignore[arg-type]
+                transport, _ = await loop.connect_accepted_socket(self._runner.server, conn)  # type: ignore[arg-type]  # aiohttp's Server is a protocol factory
             else:
                 transport, _ = await loop.connect_accepted_socket(
-                    self._runner.server, conn, ssl=self._tls,  # type: ignore[arg-type]
+                    self._runner.server, conn, ssl=self._tls,  # type: ignore[arg-type]  # as above
                     ssl_handshake_timeout=self.limits.header_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__

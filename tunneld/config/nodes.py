@@ -82,23 +82,19 @@ def parse_nodes(raw: Any, base: Path, problems: list[str], where: str = "nodes")
 def overlapping_pod_cidrs(nodes: list[Node]) -> list[str]:
     """One message per node whose ``pod_cidr`` overlaps (or equals) an earlier node's: a pod address must have one
     owner. Sorted by network, so 5,000 nodes take one pass."""
-    with_cidr = sorted((n for n in nodes if n.pod_cidr is not None),
-                       key=lambda n: (n.pod_cidr.version, int(n.pod_cidr.network_address),  # type: ignore[union-attr]
-                                      -n.pod_cidr.prefixlen))  # type: ignore[union-attr]
+    with_cidr = sorted(((n.pod_cidr, n) for n in nodes if n.pod_cidr is not None),
+                       key=lambda p: (p[0].version, int(p[0].network_address), -p[0].prefixlen))
     problems = []
-    widest: Node | None = None  # the node whose network reaches furthest so far (same family)
-    for node in with_cidr:
-        net = node.pod_cidr
-        assert net is not None
+    widest: tuple[IPNetwork, Node] | None = None  # the network reaching furthest so far (same family), and its node
+    for net, node in with_cidr:
         if widest is not None:
-            prev = widest.pod_cidr
-            assert prev is not None
+            prev, owner = widest
             if prev.version == net.version and int(net.network_address) <= int(prev.broadcast_address):
                 how = "is the same as" if prev == net else "overlaps"
-                problems.append(f"node {node.name!r}: pod_cidr {net} {how} node {widest.name!r}'s {prev}")
+                problems.append(f"node {node.name!r}: pod_cidr {net} {how} node {owner.name!r}'s {prev}")
                 if int(net.broadcast_address) <= int(prev.broadcast_address):
                     continue
-        widest = node
+        widest = (net, node)
     return problems
 
 

@@ -313,7 +313,7 @@ class KubeletSim:
             assert server is not None
             loop = asyncio.get_running_loop()
             self._front = await loop.create_server(
-                lambda: UpgradeFront(server, self._spdy_route, self._upgraded),  # type: ignore[arg-type]
+                lambda: UpgradeFront(server, self._spdy_route, self._upgraded),  # type: ignore[arg-type]  # aiohttp's Server is a protocol factory, typed narrower
                 self.address, self.port, ssl=self.tls,
             )
             health = web.Application()

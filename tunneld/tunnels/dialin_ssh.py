@@ -185,7 +185,7 @@ class _NodeServer(asyncssh.SSHServer):
             self.offered = _facts(key_data)
             return await validate(username, key_data, msg, signature)
 
-        conn.validate_public_key = remember_certificate  # type: ignore[method-assign]
+        conn.validate_public_key = remember_certificate  # type: ignore[method-assign]  # asyncssh has no hook for it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._listener.release(self)

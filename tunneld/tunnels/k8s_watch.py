@@ -183,7 +183,9 @@ class KubeInventory:
                     failures = 0
                 phase = "watching"
                 started, seen = loop.time(), self.stats.events
-                await self._watch(self.resource_version)  # type: ignore[arg-type]
+                rv = self.resource_version
+                assert rv is not None  # a list just set it
+                await self._watch(rv)
                 if self.stats.events == seen and loop.time() - started < 1.0:
                     # Ended at once with nothing in it: do not spin against a server that keeps doing that.
                     failures += 1

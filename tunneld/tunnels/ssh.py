@@ -129,7 +129,7 @@ def _require_named_host_certificate(conn: asyncssh.SSHClientConnection, dialled:
                                                 f"not {dialled}")
         return key
 
-    conn.validate_server_host_key = validate_named  # type: ignore[method-assign]
+    conn.validate_server_host_key = validate_named  # type: ignore[method-assign]  # asyncssh has no hook for it
 
 
 def _client_keys(ssh: SSHSettings) -> list[Any]:
@@ -250,7 +250,7 @@ def _skip_ignore_padding(conn: asyncssh.SSHClientConnection) -> None:
             return
         send_packet(pkttype, *args, **kwargs)
 
-    conn.send_packet = send_without_ignore  # type: ignore[method-assign]
+    conn.send_packet = send_without_ignore  # type: ignore[method-assign]  # asyncssh has no option for it
 
 
 class SSHLink:
@@ -314,7 +314,7 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]  # a TCP session's channel is this subclass
         self.chan = chan
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
