@@ -39,8 +39,8 @@ async def test_serve_refuses_a_tcp_proxy_listener_without_authentication(cluster
 
 def test_check_config_names_the_fixes_and_warns_about_the_insecure_switch(short_dir: Path) -> None:
     base = '[ssh]\nprivate_key = "id"\nknown_hosts = "kh"\n\n[status]\nsocket = ""\n\n'
-    (short_dir / "id").write_text("x")
-    (short_dir / "kh").write_text("x")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(short_dir / "id")], check=True)
+    (short_dir / "kh").write_text("")
     cfg = short_dir / "tunneld.toml"
     cfg.write_text(base + '[proxy]\nlisten = "127.0.0.1:8001"\n')
     r = subprocess.run([sys.executable, "-m", "tunneld", "check-config", str(cfg)], capture_output=True, env=ENV,
