@@ -162,13 +162,8 @@ class Gateway:
         return load_static_tokens(config.auth.token_file)  # registered with the log redaction
 
     def warnings(self) -> list[str]:
-        """Insecure settings in force, for the log at every start and for ``tunneld status``."""
-        found = []
-        if self.config.proxy.insecure_anonymous_loopback:
-            found.append(INSECURE_ANONYMOUS)
-        if self.config.ssh.insecure_skip_host_key_check:
-            found.append("ssh.insecure_skip_host_key_check = true: node host keys are NOT verified")
-        return found
+        """Insecure access in force, for the log at every start and for ``tunneld status``."""
+        return [INSECURE_ANONYMOUS] if self.config.proxy.insecure_anonymous_loopback else []
 
     def csr_counts(self) -> dict[str, int]:
         """Certificate signing requests by state (empty without ``[api]``), refreshed by the signer loop."""
@@ -197,6 +192,8 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind every listener, then start connecting to the inventory."""
+        if self.config.ssh.insecure_skip_host_key_check:
+            log.warning("ssh.insecure_skip_host_key_check = true: node host keys are NOT verified")
         for warning in self.warnings():
             log.warning("%s", warning)
         if not self.kubelet_tls_verified:
