@@ -65,9 +65,12 @@ def connect_via(socket_path: str, host: str, port: int) -> Opener:
     return open_
 
 
-def get(s: socket.socket, path: str, host: str = "node") -> bytes:
-    """One HTTP/1.1 GET on a kept-alive connection; returns the body (Content-Length or chunked framing)."""
-    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tunneld-bench\r\n\r\n".encode())
+def get(s: socket.socket, path: str, host: str = "node", headers: str = "") -> bytes:
+    """One HTTP/1.1 GET on a kept-alive connection; returns the body (Content-Length or chunked framing).
+
+    ``headers``: extra header lines, each ending in CRLF (the proxy front's Authorization, for instance).
+    """
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tunneld-bench\r\n{headers}\r\n".encode())
     head, body = _read_head(s)
     if not head.startswith(b"HTTP/1.1 200"):
         raise BenchError(f"GET {path}: {head.splitlines()[0]!r}")
@@ -103,15 +106,15 @@ class Latency:
                 "mean_ms": round(statistics.fmean(self.samples), 3)}
 
 
-def latency_keepalive(opener: Opener, path: str, count: int) -> Latency:
+def latency_keepalive(opener: Opener, path: str, count: int, headers: str = "") -> Latency:
     """``count`` sequential GETs on one connection."""
     s = opener()
     try:
-        get(s, path)  # warm-up
+        get(s, path, headers=headers)  # warm-up
         out = []
         for _ in range(count):
             t0 = time.perf_counter()
-            get(s, path)
+            get(s, path, headers=headers)
             out.append((time.perf_counter() - t0) * 1000)
         return Latency(out)
     finally:

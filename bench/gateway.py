@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
+from certs.files import write_secret
 from tunneld.cli.localapi import UnixHTTPConnection
 
 
@@ -45,6 +46,8 @@ class GatewaySettings:
     health_port: int = 10248
     node_ports: tuple[int, ...] = ()
     proxy_port: int | None = None
+    proxy_token: str | None = None
+    """A bearer token (user ``bench``, in ``system:masters``) for the proxy front; written to ``tokens.csv``."""
     max_connections: int = 20_000
     max_channels_per_tunnel: int = 20_000
     max_concurrent_connects: int = 64
@@ -64,6 +67,10 @@ def write_config(workdir: Path, s: GatewaySettings) -> Path:
     """Write the gateway's TOML config under ``workdir``; the inventory is ``workdir/nodes.toml``."""
     ports = ", ".join(str(p) for p in s.node_ports)
     proxy = f'[proxy]\nlisten = "127.0.0.1:{s.proxy_port}"\n\n' if s.proxy_port else ""
+    if s.proxy_token:
+        tokens = workdir / "tokens.csv"
+        write_secret(tokens, f'{s.proxy_token},bench,bench,"system:masters"\n'.encode())
+        proxy += f'[auth]\ntoken_file = "{tokens}"\n\n'
     text = (
         f'[ssh]\nuser = "{s.user}"\nprivate_key = "{s.private_key}"\nknown_hosts = "{s.known_hosts}"\n'
         f"keepalive_interval = {s.keepalive_interval}\nkeepalive_count_max = {s.keepalive_count_max}\n"

@@ -9,6 +9,7 @@ its own process; the OpenSSH client is one ``ssh -N -L`` process; the clients ar
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def run(*, cipher: str, nbytes: int, repeats: int, requests: int, opens_seq: int
         settings = GatewaySettings(
             user=bed.user, private_key=bed.client_key, known_hosts=bed.known_hosts, keepalive_interval=30,
             health_port=node.healthz_port, node_ports=(SINK_PORT, HTTP_PORT), proxy_port=openssh.free_port(),
+            proxy_token=secrets.token_urlsafe(32),
         )
         gw = GatewayProcess(workdir, settings, [NodeEntry(node.name, node.address, node.port)])
         gw.start()
@@ -101,7 +103,8 @@ def run(*, cipher: str, nbytes: int, repeats: int, requests: int, opens_seq: int
             "ssh -L (new connection = new channel)": clients.latency_fresh(ssh_http, path, requests),
             "gateway CONNECT (keep-alive)": clients.latency_keepalive(gw_http, path, requests),
             "gateway CONNECT (new CONNECT = new channel)": clients.latency_fresh(gw_http, path, requests),
-            "gateway proxy URL (new channel per request)": clients.latency_keepalive(proxy, proxy_path, requests),
+            "gateway proxy URL (new channel per request)": clients.latency_keepalive(
+                proxy, proxy_path, requests, headers=f"Authorization: Bearer {settings.proxy_token}\r\n"),
         }
         latency = {k: v.summary() for k, v in lat.items()}
         for k, v in latency.items():

@@ -23,7 +23,10 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import h11
 
+from certs.tokens import Identity
 from proxy import kubeapi, wsbridge
+from proxy.authn import Authenticator
+from proxy.authz import Authorizer, Forbidden, attributes, describe
 from proxy.client import get
 from proxy.dialer import Dialer
 from proxy.directory import Directory, NodeInfo, PodCache, PodConflict, PodInfo
@@ -53,10 +56,13 @@ class APIProxyFront:
     """Serves the proxy URLs and pod subresources through a :class:`Dialer`."""
 
     def __init__(
-        self, dialer: Dialer, directory: Directory, *, kubelet_tls: ssl.SSLContext,
-        target_tls: ssl.SSLContext, pods_refresh: float = 30.0, response_timeout: float = 60.0,
-        node_states: kubeapi.NodeStates = dict, gateway_version: str = "0",
+        self, dialer: Dialer, directory: Directory, *, authn: Authenticator, authz: Authorizer,
+        kubelet_tls: ssl.SSLContext, target_tls: ssl.SSLContext, pods_refresh: float = 30.0,
+        response_timeout: float = 60.0, node_states: kubeapi.NodeStates = dict, gateway_version: str = "0",
     ) -> None:
+        self.authn = authn
+        self.authz = authz
+        """Who is calling, and what they may do: every request passes both before anything is resolved."""
         self.node_states = node_states
         """The tunnels' states by node name (a Node's Ready condition), from the daemon."""
         self.gateway_version = gateway_version
@@ -94,10 +100,14 @@ class APIProxyFront:
 
     async def handle(self, ex: Exchange, request: h11.Request) -> bool:
         """Serve one request; True when the connection may carry another. Raises :class:`~proxy.errors.ProxyError`."""
+        identity = await self.authn.authenticate(ex.writer, request)  # before anything else: 401
         read = kubeapi.read_route(request.target.decode("ascii", "replace"))
         if read is not None:
+            if read.resource and not self.authz.allows(identity, read.resource, read.verb):  # discovery is free
+                raise Forbidden(identity, f"{read.verb} {read.resource} {read.path}", self.authz.source)
             return await self.read(ex, request, read)
         route = parse(request.target.decode("ascii", "replace"))
+        self._authorise(identity, route, request.method)  # before any pod is looked up or channel opened: 403
         up, path, upgrade_required = await self._resolve(route, request)
         if upgrade_required and not is_upgrade(request):
             raise BadRequest("Upgrade request required")
@@ -108,6 +118,12 @@ class APIProxyFront:
         prefix = route.prefix if route.kind in ("node", "pod", "service") else None
         return await forward(ex, request, self.dialer, up, path, location_prefix=prefix,
                              response_timeout=self.response_timeout)
+
+    def _authorise(self, identity: Identity, route: Route, method: bytes) -> None:
+        """Raise :class:`~proxy.authz.Forbidden` unless the rule table allows the request."""
+        resource, verb = attributes(route, method)
+        if not self.authz.allows(identity, resource, verb):
+            raise Forbidden(identity, f"{verb} {resource} {describe(route)}", self.authz.source)
 
     async def _bridge(self, ex: Exchange, request: h11.Request, route: Route, up: Upstream, path: str) -> bool:
         """A WebSocket client, a SPDY kubelet (:mod:`proxy.wsbridge`): upgrade to the kubelet first, then answer the

@@ -35,6 +35,8 @@ class ProxyError(Exception):
             self.status = status
         self.headers = headers or []
         """Extra response headers (``Allow`` for a 405)."""
+        self.details: dict[str, str] = {}
+        """Extra fields for the audit line (who asked, what, which rules refused it); never credentials."""
 
 
 class Refused(ProxyError):

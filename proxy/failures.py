@@ -61,7 +61,7 @@ async def answer(ex: Exchange, exc: BaseException, front: str) -> None:
         log.error("%s: handler failed", front, exc_info=exc)
         exc = ProxyError("internal error")
     target = ex.current.target.decode("ascii", "replace")[:200] if ex.current is not None else ""
-    extra = {"peer": str(ex.peer), "front": front, "target": target, "status": exc.status}
+    extra = {**exc.details, "peer": str(ex.peer), "front": front, "target": target, "status": exc.status}
     level = logging.WARNING if exc.status in (401, 403) else logging.INFO
     what = "refused" if exc.status < 500 else "failed"
     if ex.response_started:

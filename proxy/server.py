@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -94,10 +95,14 @@ class Server:
         log.info("%s listening on %s:%d%s", self.name, host, bound, " (TLS)" if tls else "")
         return bound
 
-    async def listen_unix(self, path: Path, mode: int) -> None:
-        """Listen on a unix socket created with ``mode`` (its permissions are the access control)."""
+    async def listen_unix(self, path: Path, mode: int, group: int | None = None) -> None:
+        """Listen on a unix socket created with ``mode`` and owned by ``group`` (when given): its permissions are
+        the first access control, a front's own checks of the peer's credentials the second."""
         prepare_socket_path(path)
-        listener = unix_listener(path, mode)
+        listener = unix_listener(path, mode if group is None else mode & 0o700)
+        if group is not None:  # the group's bits only once the group is the one meant
+            os.chown(path, -1, group)
+            os.chmod(path, mode)
         self._socket_paths.append(OwnedSocket.of(path))
         self._listen(listener, None)
         log.info("%s listening on unix:%s (mode %04o)", self.name, path, mode)

@@ -7,14 +7,19 @@ builds these objects, so each of them can be tested alone with whatever collabor
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import ssl
 from dataclasses import replace
 from typing import Any
 
-from netnames import is_loopback, split_host_port
+from certs.tokens import Authenticator as TokenAuthenticator
+from certs.tokens import BootstrapToken, StaticToken
+from netnames import split_host_port
 from proxy.apiproxy import APIProxyFront
+from proxy.authn import UNAUTHENTICATED_GROUP, Authenticator
+from proxy.authz import ANY, DEFAULT_RULES, Authorizer, Rule
 from proxy.connect import ConnectFront
 from proxy.directory import Directory, NodeInfo, ServiceInfo, ServicePortInfo
 from proxy.grpcfront import GRPCLimits, KonnectivityFront
@@ -22,8 +27,9 @@ from proxy.kubeapi import NodeTunnel
 from proxy.policy import Policy, PolicyDialer, PortSet
 from proxy.server import Limits, Server
 from tunneld import __version__
-from tunneld.certsd import CertsDaemon
+from tunneld.certsd import CertsDaemon, load_static_tokens
 from tunneld.config import Config, Node, load_checked
+from tunneld.config.access import INSECURE_ANONYMOUS, check_proxy_access
 from tunneld.errors import ConfigError
 from tunneld.ops.lifecycle import ReloadLog
 from tunneld.ops.metrics import InstrumentedDialer, Metrics
@@ -78,6 +84,23 @@ def _sans_tls(config: Config) -> tuple[object, object]:
     return replace(config.egress, tls=None), replace(config.proxy, tls=None)
 
 
+def build_authorizer(config: Config) -> Authorizer:
+    """The proxy front's rule table: ``[[authz.rules]]``, else the default (plus anonymous callers, when
+    ``insecure_anonymous_loopback`` asks for them)."""
+    if config.authz.rules is not None:
+        return Authorizer(config.authz.rules, config.authz.source)
+    if config.proxy.insecure_anonymous_loopback:
+        anonymous = Rule(groups=frozenset({UNAUTHENTICATED_GROUP}), resources=frozenset({ANY}),
+                         verbs=frozenset({ANY}))
+        return Authorizer((*DEFAULT_RULES, anonymous),
+                          "the default rules (system:masters; system:unauthenticated by insecure_anonymous_loopback)")
+    return Authorizer(DEFAULT_RULES, config.authz.source)
+
+
+async def _no_bootstrap_tokens(token_id: str) -> BootstrapToken | None:
+    return None  # bootstrap tokens are for the certificates API only
+
+
 class Gateway:
     """The running daemon."""
 
@@ -100,8 +123,14 @@ class Gateway:
         self.tls = TLSFiles(config)
         """Every TLS context built from files; SIGHUP builds each one afresh."""
         self.connect_front = ConnectFront(self.dialer)
+        self.proxy_tokens = TokenAuthenticator(self._static_tokens(config), _no_bootstrap_tokens)
+        """The ``[auth] token_file`` callers of the proxy front (re-read on reload)."""
+        p = config.proxy
+        authn = Authenticator(self.proxy_tokens.authenticate if config.auth.token_file else None,
+                              socket_gid=grp.getgrnam(p.socket_group).gr_gid if p.socket_group else None,
+                              anonymous_loopback=p.insecure_anonymous_loopback)
         self.api_front = APIProxyFront(
-            self.dialer, self.directory,
+            self.dialer, self.directory, authn=authn, authz=build_authorizer(config),
             kubelet_tls=self.tls.client("kubelet client", kubelet_client, self._set_kubelet_tls),
             target_tls=self.tls.client("proxy targets", proxy_targets, self._set_target_tls),
             pods_refresh=config.proxy.pods_refresh, node_states=self.node_states, gateway_version=__version__,
@@ -137,6 +166,14 @@ class Gateway:
         return {name: NodeTunnel(t.state.value == "up", t.state.value, t.machine.since, t.machine.last_error)
                 for name, t in self.pool.tunnels.items()}
 
+    @staticmethod
+    def _static_tokens(config: Config) -> list[StaticToken]:
+        return load_static_tokens(config.auth.token_file)  # registered with the log redaction
+
+    def warnings(self) -> list[str]:
+        """Insecure access in force, for the log at every start and for ``tunneld status``."""
+        return [INSECURE_ANONYMOUS] if self.config.proxy.insecure_anonymous_loopback else []
+
     def csr_counts(self) -> dict[str, int]:
         """Certificate signing requests by state (empty without ``[api]``), refreshed by the signer loop."""
         return dict(self.certs.service.counts) if self.certs is not None else {}
@@ -158,15 +195,23 @@ class Gateway:
             "grpc_streams": self.grpc_front.streams,
             "proxy_connections": self.proxy.connections,
             "inventory": self.kube.snapshot() if self.kube is not None else {"source": "file"},
+            "proxy_authz": self.api_front.authz.source,
+            "warnings": self.warnings(),
         }
 
     async def start(self) -> None:
         """Bind every listener, then start connecting to the inventory."""
         if self.config.ssh.insecure_skip_host_key_check:
             log.warning("ssh.insecure_skip_host_key_check = true: node host keys are NOT verified")
+        for warning in self.warnings():
+            log.warning("%s", warning)
         if not self.kubelet_tls_verified:
             log.warning("kubelet TLS: unverified (set kubelet.certificate_authority to verify kubelets' certificates)")
         e, p = self.config.egress, self.config.proxy
+        refused: list[str] = []
+        check_proxy_access(p, self.config.auth, refused)  # as load_config demands, for configs built in code too
+        if refused:
+            raise RuntimeError(f"refusing to serve the proxy front: {'; '.join(refused)}")
         if e.socket is not None:
             await self.egress.listen_unix(e.socket, e.socket_mode)
         if e.listen is not None:
@@ -174,10 +219,11 @@ class Gateway:
             await self.egress.listen_tcp(host, port, self.tls.server("egress listener", egress_listener))
         if e.grpc_socket is not None:
             await self.grpc_front.listen_unix(e.grpc_socket, e.socket_mode)
+        if p.socket is not None:
+            gid = grp.getgrnam(p.socket_group).gr_gid if p.socket_group else None
+            await self.proxy.listen_unix(p.socket, p.socket_mode, gid)
         if p.listen is not None:
             host, port = split_host_port(p.listen)
-            if not is_loopback(host) and (p.tls is None or p.tls.client_ca is None):  # as load_config demands
-                raise RuntimeError("refusing to serve proxy URLs on a non-loopback address without mutual TLS")
             await self.proxy.listen_tcp(host, port, self.tls.server("proxy listener", proxy_listener))
         await self.status.start()
         if self.certs is not None:
@@ -189,7 +235,7 @@ class Gateway:
             kube = KubeInventory.from_settings(self.config.kubernetes, self._on_kube_nodes, **self.kube_options)
             await kube.start()
             self.kube = kube
-        if p.listen is not None:
+        if p.listen is not None or p.socket is not None:
             self.api_front.pods.start()
         log.info("started", extra={"nodes": len(self.config.nodes), "version": __version__})
 
@@ -234,6 +280,12 @@ class Gateway:
         self.tls.reload(new)
         if self.dialin is not None:
             self.dialin.reload_revoked()
+        try:
+            self.proxy_tokens.set_static(self._static_tokens(self.config))
+            self.api_front.authn.tokens = self.proxy_tokens.authenticate if self.config.auth.token_file else None
+        except ValueError as exc:
+            log.error("proxy front: token file not reloaded, keeping the current tokens: %s", exc)
+        self.api_front.authz = build_authorizer(self.config)
         if self.certs is not None:
             self.certs.reload(self.config)
         log.info("reloaded", extra={"added": len(change.added), "removed": len(change.removed),

@@ -52,8 +52,12 @@ def egress_listener(config: Config) -> ssl.SSLContext | None:
 
 
 def proxy_listener(config: Config) -> ssl.SSLContext | None:
-    """The proxy TCP listener's context (``[proxy] tls_cert``/``tls_key``/``client_ca``)."""
-    return _server(config.proxy.tls)
+    """The proxy TCP listener's context (``[proxy] tls_cert``/``tls_key``/``client_ca``); with a token file too, a
+    client certificate is optional: a caller may bring a bearer token instead (see :mod:`proxy.authn`)."""
+    ctx = _server(config.proxy.tls)
+    if ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED and config.auth.token_file is not None:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
 
 
 def kubelet_client(config: Config) -> ssl.SSLContext:

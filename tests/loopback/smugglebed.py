@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.apiproxy import APIProxyFront
+from proxy.authn import UNAUTHENTICATED_GROUP, Authenticator
+from proxy.authz import ANY, Authorizer, Rule
 from proxy.dialer import TCPDialer
 from proxy.directory import Directory, NodeInfo
 from proxy.policy import Policy, PolicyDialer, PortSet
@@ -110,8 +112,13 @@ async def smuggle_bed(idle_timeout: float = 5.0) -> AsyncIterator[Bed]:
     strict_port = runner.addresses[0][1]
     policy = Policy(node_hosts={"node-a": 10250, address: 10250}, node_ports=PortSet.parse([raw_port, strict_port]))
     dialer = PolicyDialer(TCPDialer(timeout=5), policy)
-    front = APIProxyFront(dialer, Directory([NodeInfo("node-a", address)]), kubelet_tls=client_context(None),
-                          target_tls=client_context(None), response_timeout=5)
+    # Framing is what these tests are about, byte for byte: the front runs as insecure_anonymous_loopback = true
+    # configures it (loopback callers without credentials are system:anonymous, and a rule lets them through), so
+    # no Authorization line has to be spliced into the hand-laid requests. Authentication has its own suites.
+    anonymous = Rule(groups=frozenset({UNAUTHENTICATED_GROUP}), resources=frozenset({ANY}), verbs=frozenset({ANY}))
+    front = APIProxyFront(dialer, Directory([NodeInfo("node-a", address)]),
+                          authn=Authenticator(anonymous_loopback=True), authz=Authorizer([anonymous], "test rules"),
+                          kubelet_tls=client_context(None), target_tls=client_context(None), response_timeout=5)
     proxy = Server("proxy", front, Limits(max_connections=64, header_timeout=5, idle_timeout=idle_timeout))
     proxy_port = await proxy.listen_tcp("127.0.0.1", 0, None)
     try:

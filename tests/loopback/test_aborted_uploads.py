@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from tests import rawhttp
+from tests.proxyauth import bearer_of
 from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
@@ -55,14 +56,19 @@ async def released(gw: Gateway) -> None:
     await wait_for(lambda: gw.proxy.connections == 0, 5, "proxy connections closed")
 
 
-def upload_head(length: int = 100_000) -> bytes:
-    return f"POST {ECHO} HTTP/1.1\r\nHost: g\r\nContent-Length: {length}\r\n\r\n".encode()
+def auth(gw: Gateway) -> str:
+    """The dev cluster user's Authorization header line (system:masters)."""
+    return f"Authorization: {bearer_of(gw.config.auth.token_file)}\r\n"
+
+
+def upload_head(gw: Gateway, length: int = 100_000) -> bytes:
+    return f"POST {ECHO} HTTP/1.1\r\nHost: g\r\n{auth(gw)}Content-Length: {length}\r\n\r\n".encode()
 
 
 async def test_aborted_uploads_leave_no_channel_behind(gw: Gateway) -> None:
     for i in range(20):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
-        writer.write(upload_head() + b"x" * 10)
+        writer.write(upload_head(gw) + b"x" * 10)
         await writer.drain()
         if i % 2:  # half of them once the echo's answer has begun: the response is under way when they leave
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -71,14 +77,14 @@ async def test_aborted_uploads_leave_no_channel_behind(gw: Gateway) -> None:
     await released(gw)
     # and the node still serves: no channel slot was lost
     answer, _ = await rawhttp.raw("127.0.0.1", gw.proxy.ports[0],
-                                  upload_head(5).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + b"hello")
+                                  upload_head(gw, 5).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + b"hello")
     assert rawhttp.status_of(answer) == 200 and answer.endswith(b"hello"), answer
 
 
 async def test_a_stalled_upload_ends_at_idle_timeout(gw: Gateway) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
     started_at = time.monotonic()
-    writer.write(upload_head() + b"x" * 10)
+    writer.write(upload_head(gw) + b"x" * 10)
     await writer.drain()
     await wait_for(lambda: gw.proxy.connections == 1, 5, "the upload under way")
     received = b""
@@ -99,7 +105,7 @@ async def test_a_stalled_upstream_ends_at_idle_timeout(gw: Gateway) -> None:
     target = "/api/v1/namespaces/default/pods/web-1/proxy/stream?n=3&interval=10"
     started_at = time.monotonic()
     answer, how = await rawhttp.raw("127.0.0.1", gw.proxy.ports[0],
-                                    f"GET {target} HTTP/1.1\r\nHost: g\r\n\r\n".encode(), timeout=10)
+                                    f"GET {target} HTTP/1.1\r\nHost: g\r\n{auth(gw)}\r\n".encode(), timeout=10)
     elapsed = time.monotonic() - started_at
     assert 0.9 < elapsed < 5, elapsed
     assert rawhttp.status_of(answer) == 200 and b"chunk 0" in answer, answer

@@ -25,6 +25,7 @@ import pytest
 from certs.files import write_secret
 from proxy.server import Exchange, Limits, Server
 from tests import rawhttp
+from tests.proxyauth import bearer_of
 from tunneld.app import Gateway
 from tunneld.config import Config, EgressSettings, LimitSettings, PolicySettings, ProxySettings
 from tunneld.dev.cluster import HEALTHZ_PORT, DevCluster
@@ -122,7 +123,8 @@ async def test_idle_keepalive_connection_is_closed(gw_factory) -> None:  # type:
     gw = await gw_factory(idle_timeout=0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
     try:
-        writer.write(b"GET /api/v1/nodes/node-1:%d/proxy/healthz HTTP/1.1\r\nHost: x\r\n\r\n" % HEALTHZ_PORT)
+        auth = f"Authorization: {bearer_of(gw.config.auth.token_file)}\r\n".encode()
+        writer.write(b"GET /api/v1/nodes/node-1:%d/proxy/healthz HTTP/1.1\r\nHost: x\r\n%s\r\n" % (HEALTHZ_PORT, auth))
         await writer.drain()
         async with asyncio.timeout(5):
             head = await reader.readuntil(b"\r\n\r\n")

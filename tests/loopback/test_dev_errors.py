@@ -53,7 +53,8 @@ async def test_client_leaving_a_followed_log_is_no_error(cluster: DevCluster,
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", cluster.proxy_port)
         target = b"/api/v1/nodes/node-1/proxy/containerLogs/default/web-1/nginx?follow=true"
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + ": ".join(cluster.auth_header).encode()
+                     + b"\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200")
         await asyncio.wait_for(reader.read(100), 10)

@@ -20,6 +20,7 @@ from tunneld.config import Config, EgressSettings, PolicySettings, ProxySettings
 from tunneld.dev.cluster import DevCluster
 
 from .. import rawhttp
+from ..proxyauth import proxy_get
 from .conftest import fast_config, started
 
 PORT = 7777
@@ -104,7 +105,7 @@ async def test_proxy_url_asks_the_node_for_its_address(cluster: DevCluster, targ
     try:
         sim = cluster.sim_nodes[1]
         sim.requested.clear()
-        r = await rawhttp.get("127.0.0.1", gw.proxy.ports[0], f"/api/v1/nodes/{sim.name}:{PORT}/proxy/x")
+        r = await proxy_get(gw, f"/api/v1/nodes/{sim.name}:{PORT}/proxy/x")
         assert r.status == 200, r
         assert list(sim.requested) == [(sim.address, PORT)]
         assert f"\r\nhost: {sim.address}:{PORT}\r\n".encode() in target.heads[-1].lower()
@@ -127,7 +128,7 @@ async def test_pod_cidr_bridge_is_not_a_pod_unless_allowed(cluster: DevCluster, 
         assert not gw.api_front.pods.unlisted
         sim.requested.clear()
         status, got = await connect(gw, f"{bridge}:{PORT}")
-        r = await rawhttp.get("127.0.0.1", gw.proxy.ports[0], f"/api/v1/namespaces/default/pods/bridge:{PORT}/proxy/")
+        r = await proxy_get(gw, f"/api/v1/namespaces/default/pods/bridge:{PORT}/proxy/")
         pod_status, _, _, pod_writer = await rawhttp.open_egress(short_dir / "egress.sock", "10.244.1.10", 8080)
         pod_writer.close()  # a pod address of the same network
         if not allow:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from proxy.apiproxy import APIProxyFront
+from proxy.authz import Authorizer
 from proxy.connect import ConnectFront
 from proxy.dialer import Stream, TCPDialer
 from proxy.directory import Directory, NodeInfo
@@ -27,6 +28,7 @@ from proxy.policy import Policy, PolicyDialer, PortSet
 from proxy.server import Limits, Server
 from proxy.tls import client_context
 from tests import rawhttp
+from tests.proxyauth import RAW_HEADER, admin_authenticator
 
 from .conftest import next_base
 
@@ -102,7 +104,8 @@ async def bed() -> AsyncIterator[Bed]:
                     node_ports=PortSet.parse([18080]), pod_ports=PortSet())
     directory = Directory([NodeInfo("node-a", a), NodeInfo("node-b", b)])
     checked = PolicyDialer(dialer, policy)
-    api = APIProxyFront(checked, directory, kubelet_tls=client_context(None), target_tls=client_context(None))
+    api = APIProxyFront(checked, directory, authn=admin_authenticator(), authz=Authorizer(),
+                        kubelet_tls=client_context(None), target_tls=client_context(None))
     limits = Limits(max_connections=64, header_timeout=5, idle_timeout=5)
     proxy, egress = Server("proxy", api, limits), Server("egress", ConnectFront(checked), limits)
     proxy_port = await proxy.listen_tcp("127.0.0.1", 0, None)
@@ -133,7 +136,8 @@ def _request_line(head: bytes) -> str:
 async def test_proxy_urls_reach_only_the_named_node_and_port(bed: Bed, path: str, query: str) -> None:
     bed.reset()
     target = f"/api/v1/nodes/node-a:{bed.port}/proxy/{path}" + (f"?{query}" if query else "")
-    raw = b"GET " + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    raw = (b"GET " + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+           + RAW_HEADER + b"\r\n")
     answer, _ = await rawhttp.raw("127.0.0.1", bed.proxy_port, raw, timeout=5)
     status = rawhttp.status_of(answer)
     assert status in (200, 400, 404), answer[:300]
@@ -177,7 +181,8 @@ async def test_connect_dials_only_what_the_policy_allows(bed: Bed, authority: st
 
 async def test_the_bed_routes_plain_requests(bed: Bed) -> None:
     """The properties above are not vacuous: a plain request does reach node A, and CONNECT to it works."""
-    raw = b"GET /api/v1/nodes/node-a:18080/proxy/x/y?z=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    raw = (b"GET /api/v1/nodes/node-a:18080/proxy/x/y?z=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+           + RAW_HEADER + b"\r\n")
     answer, _ = await rawhttp.raw("127.0.0.1", bed.proxy_port, raw, timeout=5)
     assert rawhttp.status_of(answer) == 200 and answer.endswith(b"ok")
     assert _request_line(bed.nodes[f"{bed.a}:18080"].heads[0]) == "/x/y?z=1"

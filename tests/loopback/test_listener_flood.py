@@ -21,6 +21,7 @@ import pytest
 
 from certs.api import CSR_PATH
 from tests.certs_daemon import Daemon, DaemonConfig, cli, free_port, write_config
+from tests.proxyauth import HEADER, auth_section
 from tests.rawhttp import get, open_egress
 from tests.waiting import wait_for
 
@@ -43,6 +44,8 @@ def flood_config(d: Path, max_connections: int) -> tuple[DaemonConfig, int, Path
     egress = d / "egress.sock"
     extra = (f'[limits]\nmax_connections = {max_connections}\nheader_timeout = 2\nidle_timeout = 5\n\n'
              f'[egress]\nsocket = "{egress}"\n\n[proxy]\nlisten = "{host}:{proxy_port}"\n\n')
+    d.mkdir(parents=True, exist_ok=True)
+    extra += auth_section(d)
     cfg = write_config(d, host, extra=extra)
     assert cli("ca", "init", "--config", str(cfg.path)).returncode == 0
     return cfg, proxy_port, egress
@@ -62,7 +65,8 @@ async def answers(cfg: DaemonConfig, proxy_port: int, egress: Path) -> dict[str,
     with contextlib.suppress(OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
         out["egress"] = (await open_egress(egress, "127.0.0.1", 1, timeout=5))[0]
     with contextlib.suppress(OSError, TimeoutError):
-        out["proxy"] = (await asyncio.wait_for(get(cfg.host, proxy_port, "/api/v1/nodes/node-1/proxy/x"), 5)).status
+        out["proxy"] = (await asyncio.wait_for(get(cfg.host, proxy_port, "/api/v1/nodes/node-1/proxy/x",
+                                                         headers=[HEADER]), 5)).status
     with contextlib.suppress(OSError, TimeoutError, aiohttp.ClientError):
         ctx = ssl.create_default_context(cafile=str(cfg.ca_cert))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:

@@ -15,6 +15,7 @@ from tunneld.config import Config, KubeletSettings, ProxySettings
 from tunneld.dev.cluster import DevCluster
 
 from .. import rawhttp
+from ..proxyauth import proxy_get
 from .conftest import fast_config, started
 
 LOG = "/api/v1/namespaces/kube-system/pods/agent-node-1/log?container=agent&tailLines=1"
@@ -42,7 +43,7 @@ async def listed(cluster: DevCluster) -> Gateway:
 
 
 async def log_of_agent_1(gw: Gateway) -> rawhttp.Result:
-    return await rawhttp.get("127.0.0.1", gw.proxy.ports[0], LOG)
+    return await proxy_get(gw, LOG)
 
 
 @pytest.mark.parametrize("claimed", [("node-1", "10.244.1.11"), ("node-1", "10.244.2.11"), ("node-2", "10.244.1.11")],
@@ -71,7 +72,7 @@ async def test_a_name_two_nodes_claim_is_a_conflict_naming_both(cluster: DevClus
         gw = await listed(cluster)
     try:
         for path in (LOG, "/api/v1/namespaces/kube-system/pods/agent-node-1/proxy/"):
-            r = await rawhttp.get("127.0.0.1", gw.proxy.ports[0], path)
+            r = await proxy_get(gw, path)
             assert r.status == 502 and b"node-1, node-2" in r.body, r
         assert any("kube-system/agent-node-1 is claimed by nodes node-1, node-2" in m.getMessage()
                    for m in caplog.records)
@@ -100,8 +101,7 @@ async def test_an_oversized_pod_list_is_refused_and_the_previous_one_kept(cluste
         assert len(refused) == 1, refused
         assert ("more than 1000" if flood == "items" else "larger than 8388608 bytes") in refused[0]
         # node-2's previous list is kept: its pods still answer; none of the flood got in
-        r = await rawhttp.get("127.0.0.1", gw.proxy.ports[0],
-                              "/api/v1/namespaces/kube-system/pods/agent-node-2/log?container=agent&tailLines=1")
+        r = await proxy_get(gw, "/api/v1/namespaces/kube-system/pods/agent-node-2/log?container=agent&tailLines=1")
         assert r.status == 200 and r.body.startswith(b"node-2/agent-node-2/agent line"), r
         assert await gw.api_front.pods.get("kube-system", "flood-0" if flood == "items" else "fat") is None
     finally:

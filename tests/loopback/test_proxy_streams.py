@@ -29,6 +29,7 @@ from tunneld.dev.cluster import DevCluster
 from tunneld.dev.podapps import ECHO_PORT, pattern
 
 from ..curl import curl
+from ..proxyauth import bearer_of
 from ..wsclient import read_channel, recv_until_closed, status_of
 from .conftest import fast_config, started
 
@@ -51,9 +52,14 @@ def url(gw: Gateway, path: str) -> str:
     return f"http://127.0.0.1:{gw.proxy.ports[0]}{path}"
 
 
+def auth(gw: Gateway) -> str:
+    """The Authorization header line of the dev cluster's user (in system:masters)."""
+    return f"Authorization: {bearer_of(gw.config.auth.token_file)}"
+
+
 @pytest.mark.both_loops
 async def test_pod_proxy_passes_path_query_and_headers_but_not_credentials(gw: Gateway) -> None:
-    r = await curl("-H", "Authorization: Bearer do-not-forward", "-H", "X-Custom: kept", "-H", "Connection: X-Drop",
+    r = await curl("-H", auth(gw), "-H", "X-Custom: kept", "-H", "Connection: X-Drop",
                    "-H", "X-Drop: 1", url(gw, f"{NS}/default/pods/web-2/proxy/some/path?b=2&a=%20x"))
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
@@ -67,17 +73,17 @@ async def test_pod_proxy_passes_path_query_and_headers_but_not_credentials(gw: G
 
 @pytest.mark.both_loops
 async def test_pod_and_service_https_verified_against_the_pod_ca(gw: Gateway, short_dir: Path) -> None:
-    r = await curl(url(gw, f"{NS}/default/pods/https:web-1:8443/proxy/tls"))
+    r = await curl("-H", auth(gw), url(gw, f"{NS}/default/pods/https:web-1:8443/proxy/tls"))
     assert json.loads(r.stdout)["pod"] == "web-1", r.stdout
     pods = set()
     for _ in range(12):  # endpoints are picked at random: several requests reach more than one pod
-        r = await curl(url(gw, f"{NS}/default/services/https:web:https/proxy/"))
+        r = await curl("-H", auth(gw), url(gw, f"{NS}/default/services/https:web:https/proxy/"))
         pods.add(json.loads(r.stdout)["pod"])
-        r = await curl(url(gw, f"{NS}/default/services/web:80/proxy/"))
+        r = await curl("-H", auth(gw), url(gw, f"{NS}/default/services/web:80/proxy/"))
         pods.add(json.loads(r.stdout)["pod"])
     assert pods <= {"web-1", "web-2", "web-3"} and len(pods) >= 2
     # Asking for TLS to a port that does not speak it fails with a reason, not garbage.
-    r = await curl("-i", url(gw, f"{NS}/default/pods/https:web-1:8080/proxy/"))
+    r = await curl("-H", auth(gw), "-i", url(gw, f"{NS}/default/pods/https:web-1:8080/proxy/"))
     assert r.stdout.startswith(b"HTTP/1.1 502") and b"TLS" in r.stdout, r.stdout
 
 
@@ -90,7 +96,7 @@ async def test_https_target_from_another_ca_is_refused(cluster: DevCluster) -> N
     gateway = await started(cfg)
     try:
         await gateway.api_front.pods.refresh()
-        r = await curl("-i", url(gateway, f"{NS}/default/pods/https:web-1:8443/proxy/"))
+        r = await curl("-H", auth(gateway), "-i", url(gateway, f"{NS}/default/pods/https:web-1:8443/proxy/"))
         assert r.stdout.startswith(b"HTTP/1.1 502") and b"certificate not trusted" in r.stdout, r.stdout
     finally:
         await gateway.stop()
@@ -102,19 +108,20 @@ async def test_large_upload_and_download_are_byte_exact_and_full_duplex(gw: Gate
     data = os.urandom(MiB) * 24  # 24 MiB: far beyond the socket buffers and SSH window between client and pod
     body.write_bytes(data)
     # /echo answers while it still reads: this only completes if the gateway sends and receives at the same time.
-    r = await curl("-H", "Transfer-Encoding: chunked", "-H", "Content-Type: application/octet-stream",
+    r = await curl("-H", auth(gw), "-H", "Transfer-Encoding: chunked", "-H",
+                   "Content-Type: application/octet-stream",
                    "--data-binary", f"@{body}", url(gw, f"{NS}/default/pods/web-1/proxy/echo"), timeout=60)
     assert r.returncode == 0, r.stderr
     assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
     size = 64 * MiB
-    r = await curl(url(gw, f"{NS}/default/pods/web-3/proxy/big?bytes={size}"), timeout=60)
+    r = await curl("-H", auth(gw), url(gw, f"{NS}/default/pods/web-3/proxy/big?bytes={size}"), timeout=60)
     assert len(r.stdout) == size and r.stdout == pattern(size)
 
 
 async def test_chunked_streaming_response_arrives_as_it_is_produced(gw: Gateway) -> None:
     arrivals: list[float] = []
     lines: list[bytes] = []
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"Authorization": bearer_of(gw.config.auth.token_file)}) as http:
         start = time.monotonic()
         async with http.get(url(gw, f"{NS}/default/pods/web-1/proxy/stream?n=5&interval=0.3")) as resp:
             assert resp.status == 200 and resp.headers.get("Transfer-Encoding") == "chunked"
@@ -126,7 +133,7 @@ async def test_chunked_streaming_response_arrives_as_it_is_produced(gw: Gateway)
 
 
 async def test_redirects_are_rewritten_under_the_proxy_prefix(gw: Gateway) -> None:
-    r = await curl("-i", url(gw, f"{NS}/default/pods/web-1/proxy/redirect"))
+    r = await curl("-H", auth(gw), "-i", url(gw, f"{NS}/default/pods/web-1/proxy/redirect"))
     assert r.stdout.startswith(b"HTTP/1.1 302")
     assert f"location: {NS}/default/pods/web-1/proxy/target".encode() in r.stdout.lower()
 
@@ -137,7 +144,8 @@ def ws_url(gw: Gateway, path: str) -> str:
 
 def ws(gw: Gateway, path: str, *protocols: str) -> connect:
     return connect(ws_url(gw, path), subprotocols=list(protocols), max_size=None,  # type: ignore[arg-type]
-                   open_timeout=10, close_timeout=5)
+                   open_timeout=10, close_timeout=5,
+                   additional_headers={"Authorization": bearer_of(gw.config.auth.token_file)})
 
 
 @pytest.mark.both_loops
@@ -183,7 +191,8 @@ async def test_spdy_upgrade_passes_through(gw: Gateway) -> None:
     payload = os.urandom(512 * 1024)
     writer.write(
         f"POST {NS}/default/pods/web-1/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\nHost: x\r\n".encode()
-        + b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
+        + b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+        + f"{auth(gw)}\r\n\r\n".encode()
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101 ") and b"SPDY/3.1" in head, head

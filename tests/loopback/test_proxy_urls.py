@@ -38,8 +38,9 @@ async def with_pods(cfg: Config) -> Gateway:
     return gw
 
 
-def curl(*args: str) -> Awaitable[subprocess.CompletedProcess[bytes]]:
-    return run_curl(*args, timeout=15)
+def curl(cluster: DevCluster, *args: str) -> Awaitable[subprocess.CompletedProcess[bytes]]:
+    """curl with the bearer token ``tunneld dev`` wrote for the user running the tests."""
+    return run_curl("-H", ": ".join(cluster.auth_header), *args, timeout=15)
 
 
 def base(gw: Gateway) -> str:
@@ -52,11 +53,11 @@ async def test_node_proxy_reaches_the_kubelet_with_verified_tls(cluster: DevClus
     try:
         assert gw.info()["kubelet_tls"] == "verified"
         for sim in cluster.sim_nodes:
-            r = await curl("-i", f"{base(gw)}/api/v1/nodes/{sim.name}/proxy/healthz")
+            r = await curl(cluster, "-i", f"{base(gw)}/api/v1/nodes/{sim.name}/proxy/healthz")
             assert r.returncode == 0, r.stderr
             assert r.stdout.startswith(b"HTTP/1.1 200"), r.stdout
             assert r.stdout.endswith(b"\r\n\r\nok")
-        r = await curl(f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/pods")
+        r = await curl(cluster, f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/pods")
         names = {p for p in ("web-1", "agent-node-1") if f'"{p}"'.encode() in r.stdout}
         assert names == {"web-1", "agent-node-1"}, r.stdout[:300]
     finally:
@@ -70,7 +71,7 @@ async def test_kubelet_certificate_from_another_ca_is_refused_with_the_reason(cl
     other.write_bytes(DevCA("not the kubelets' CA").cert_pem)
     gw = await started(proxy_config(cluster, kubelet_ca=other))
     try:
-        r = await curl("-i", f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/healthz")
+        r = await curl(cluster, "-i", f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/healthz")
         assert r.stdout.startswith(b"HTTP/1.1 502 Bad Gateway"), r.stdout
         assert b"certificate not trusted" in r.stdout
         assert b"\r\n\r\nok" not in r.stdout
@@ -85,7 +86,7 @@ async def test_unverified_kubelet_tls_still_works_but_says_so(cluster: DevCluste
     try:
         assert gw.info()["kubelet_tls"] == "unverified"
         assert any("kubelet TLS: unverified" in rec.getMessage() for rec in caplog.records)
-        r = await curl(f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/healthz")
+        r = await curl(cluster, f"{base(gw)}/api/v1/nodes/{cluster.sim_nodes[0].name}/proxy/healthz")
         assert r.stdout == b"ok"
     finally:
         await gw.stop()
@@ -96,16 +97,17 @@ async def test_pod_log_with_tail_and_follow_streams(cluster: DevCluster) -> None
     gw = await with_pods(proxy_config(cluster))
     try:
         url = f"{base(gw)}/api/v1/namespaces/kube-system/pods/agent-node-2/log"
-        r = await curl(f"{url}?container=sidecar&tailLines=3")
+        r = await curl(cluster, f"{url}?container=sidecar&tailLines=3")
         expected = [f"node-2/agent-node-2/sidecar line {n}" for n in (17, 18, 19)]
         assert r.stdout.decode().splitlines() == expected, r.stdout
         # two containers and none named: the apiserver's message
-        r = await curl("-i", url)
+        r = await curl(cluster, "-i", url)
         assert r.stdout.startswith(b"HTTP/1.1 400") and b"a container name must be specified" in r.stdout
 
         # follow: lines keep arriving while the client stays; read them as they come, then leave
         proc = await asyncio.create_subprocess_exec(
-            "curl", "-sSN", "--max-time", "30", f"{url}?container=agent&follow=true&tailLines=1",
+            "curl", "-sSN", "--max-time", "30", "-H", ": ".join(cluster.auth_header),
+            f"{url}?container=agent&follow=true&tailLines=1",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         assert proc.stdout is not None
@@ -138,13 +140,13 @@ async def test_unknown_targets_and_methods(cluster: DevCluster) -> None:
             ("/healthz", "GET", "404", "not found"),
         ]
         for path, method, status, reason in cases:
-            r = await curl("-i", "--path-as-is", "-X", method, base(gw) + path)
+            r = await curl(cluster, "-i", "--path-as-is", "-X", method, base(gw) + path)
             assert r.stdout.split(b" ", 2)[1].decode() == status, (path, r.stdout)
             assert reason.encode() in r.stdout, (path, r.stdout)
         # a plain node port the policy allows, and one it does not (403, never dialed)
-        r = await curl(f"{base(gw)}/api/v1/nodes/node-2:10248/proxy/healthz")
+        r = await curl(cluster, f"{base(gw)}/api/v1/nodes/node-2:10248/proxy/healthz")
         assert r.stdout == b"ok", r
-        r = await curl("-i", f"{base(gw)}/api/v1/nodes/node-1:22/proxy/")
+        r = await curl(cluster, "-i", f"{base(gw)}/api/v1/nodes/node-1:22/proxy/")
         assert r.stdout.startswith(b"HTTP/1.1 403") and b"policy.node_ports" in r.stdout, r.stdout
     finally:
         await gw.stop()

@@ -77,7 +77,7 @@ async def test_reload_replaces_client_trust(cluster: DevCluster, role: str, how:
     gw = await started(load_config(cluster.config_path))
     try:
         async def status() -> tuple[int, bytes]:
-            r = await get("127.0.0.1", cluster.proxy_port, target)
+            r = await get("127.0.0.1", cluster.proxy_port, target, headers=[cluster.auth_header])
             return r.status, r.body
 
         assert (await status())[0] == 200

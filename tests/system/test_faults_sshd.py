@@ -20,6 +20,7 @@ import pytest
 from proxy.dialer import TunnelDown
 from tests import rawhttp
 from tests.nodeagent import pattern
+from tests.proxyauth import HEADER, auth_section
 from tests.sshbed import SshBed, SshNode
 from tunneld.app import Gateway
 from tunneld.config import Config, load_config
@@ -45,7 +46,7 @@ def fronts_config(bed: SshBed, names: list[str], *, health: bool = True, extra: 
     app_port = bed.nodes[names[0]].app_port
     text += (
         f'[egress]\nsocket = "{bed.workdir / "egress.sock"}"\n\n'
-        '[proxy]\nlisten = "127.0.0.1:0"\n\n'
+        '[proxy]\nlisten = "127.0.0.1:0"\n\n' + auth_section(bed.workdir) +
         f"[policy]\nnode_ports = [{app_port}]\n\n"
         "[dial]\ntimeout = 5\n\n" + extra
     )
@@ -72,7 +73,7 @@ def egress(gw: Gateway) -> Path:
 async def proxy_get(gw: Gateway, node: SshNode, target: str, **kw: object) -> rawhttp.Result:
     """GET through the proxy-URL front: /api/v1/nodes/{name}:{app_port}/proxy{target}."""
     url = f"/api/v1/nodes/{node.name}:{node.app_port}/proxy{target}"
-    return await rawhttp.get("127.0.0.1", gw.proxy.ports[0], url, **kw)
+    return await rawhttp.get("127.0.0.1", gw.proxy.ports[0], url, headers=[HEADER], **kw)
 
 
 async def connect_get(gw: Gateway, node: SshNode, target: str, **kw: object) -> rawhttp.Result:

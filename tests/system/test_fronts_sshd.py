@@ -34,10 +34,12 @@ from tunneld.dev.podapps import ECHO_PORT
 
 from ..curl import curl
 from ..konnectivity import Client, DialFailed
+from ..proxyauth import HEADER, auth_section
 from ..relay import unix_relay
 from ..wsclient import read_channel, recv_until_closed, status_of
 from .conftest import write_config
 
+AUTH = ": ".join(HEADER)
 KUBELET_HEALTHZ = 10247  # the bed's node agent already serves 10248 inside each namespace
 MiB = 1024 * 1024
 
@@ -122,6 +124,7 @@ def _config(c: Cluster) -> Path:
         f'listen = "127.0.0.1:0"\ntls_cert = "{c.workdir / "egress.crt"}"\n'
         f'tls_key = "{c.workdir / "egress.key"}"\nclient_ca = "{c.workdir / "egress-ca.crt"}"\n\n'
         f'[proxy]\nlisten = "127.0.0.1:0"\ntarget_certificate_authority = "{c.pod_ca}"\npods_refresh = 1\n\n'
+        + auth_section(c.workdir) +
         '[[services]]\nnamespace = "default"\nname = "web"\n'
         f'endpoints = ["{c.pod_ip(0)}", "{c.pod_ip(1)}"]\n'
         'ports = [{name = "http", port = 80, target_port = 8080}]\n\n'
@@ -186,15 +189,15 @@ async def test_apiserver_style_https_to_kubelet_through_connect(cluster: Cluster
 
 @pytest.mark.both_loops
 async def test_proxy_urls_logs_exec_and_portforward_over_real_sshd(cluster: Cluster, gw: Gateway) -> None:
-    r = await curl(f"http://{base(gw)}/api/v1/nodes/node-0/proxy/healthz")
+    r = await curl("-H", AUTH, f"http://{base(gw)}/api/v1/nodes/node-0/proxy/healthz")
     assert r.stdout == b"ok", r
-    r = await curl(f"http://{base(gw)}/api/v1/namespaces/default/pods/https:web-1:8443/proxy/x?y=1")
+    r = await curl("-H", AUTH, f"http://{base(gw)}/api/v1/namespaces/default/pods/https:web-1:8443/proxy/x?y=1")
     seen = json.loads(r.stdout)
     assert (seen["pod"], seen["node"], seen["path"]) == ("web-1", "node-1", "/x?y=1")
-    r = await curl(f"http://{base(gw)}/api/v1/namespaces/default/pods/web-0/proxy/plain")
+    r = await curl("-H", AUTH, f"http://{base(gw)}/api/v1/namespaces/default/pods/web-0/proxy/plain")
     assert json.loads(r.stdout)["pod"] == "web-0"
     follow = await asyncio.create_subprocess_exec(
-        "curl", "-sSN", "--max-time", "30",
+        "curl", "-sSN", "--max-time", "30", "-H", AUTH,
         f"http://{base(gw)}/api/v1/namespaces/default/pods/web-1/log?follow=true&tailLines=1",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert follow.stdout is not None
@@ -205,14 +208,15 @@ async def test_proxy_urls_logs_exec_and_portforward_over_real_sshd(cluster: Clus
         follow.terminate()
         await follow.wait()
     assert lines == [f"node-1/web-1/app line {n}" for n in (19, 20, 21)]
-    r = await curl(f"http://{base(gw)}/api/v1/namespaces/kube-system/pods/agent-0/log?container=sidecar&tailLines=2")
+    r = await curl("-H", AUTH,
+                   f"http://{base(gw)}/api/v1/namespaces/kube-system/pods/agent-0/log?container=sidecar&tailLines=2")
     assert r.stdout.decode().splitlines() == ["node-0/agent-0/sidecar line 18", "node-0/agent-0/sidecar line 19"]
-    r = await curl(f"http://{base(gw)}/api/v1/namespaces/default/services/web/proxy/")
+    r = await curl("-H", AUTH, f"http://{base(gw)}/api/v1/namespaces/default/services/web/proxy/")
     assert json.loads(r.stdout)["pod"] in ("web-0", "web-1")
 
     async with connect(f"ws://{base(gw)}/api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true"
                        "&stdout=true", subprotocols=["v5.channel.k8s.io"], max_size=None,  # type: ignore[list-item]
-                       open_timeout=10) as conn:
+                       open_timeout=10, additional_headers=[HEADER]) as conn:
         data = os.urandom(MiB)
         reader = asyncio.create_task(read_channel(conn, 1, len(data)))
         for i in range(0, len(data), 60_000):
@@ -223,7 +227,7 @@ async def test_proxy_urls_logs_exec_and_portforward_over_real_sshd(cluster: Clus
 
     async with connect(f"ws://{base(gw)}/api/v1/namespaces/default/pods/web-1/portforward?ports={ECHO_PORT}",
                        subprotocols=["v4.channel.k8s.io"], max_size=None,  # type: ignore[list-item]
-                       open_timeout=10) as conn:
+                       open_timeout=10, additional_headers=[HEADER]) as conn:
         assert len([await conn.recv(), await conn.recv()]) == 2  # port preambles
         data = os.urandom(16 * MiB)
         reader = asyncio.create_task(read_channel(conn, 0, len(data), timeout=60))
@@ -253,11 +257,11 @@ async def test_a_dead_node_fails_fast_and_the_other_keeps_serving(cluster: Clust
     tunnel = gw.pool.tunnels["node-0"]
     await wait_for(lambda: tunnel.state.value != "up", 15, "node-0's tunnel to notice", interval=0.1)
     started = time.monotonic()
-    r = await curl("-i", f"http://{base(gw)}/api/v1/nodes/node-0/proxy/healthz")
+    r = await curl("-H", AUTH, "-i", f"http://{base(gw)}/api/v1/nodes/node-0/proxy/healthz")
     # down and reconnecting: 503 (retry later); 502 is kept for a node whose host key or login is refused
     assert r.stdout.startswith(b"HTTP/1.1 503") and b"tunnel to node node-0" in r.stdout, r.stdout
     assert time.monotonic() - started < 5
-    r = await curl(f"http://{base(gw)}/api/v1/nodes/node-1/proxy/healthz")
+    r = await curl("-H", AUTH, f"http://{base(gw)}/api/v1/nodes/node-1/proxy/healthz")
     assert r.stdout == b"ok"
 
 

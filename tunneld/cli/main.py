@@ -31,6 +31,9 @@ def check_config(config: str) -> None:
     if cfg.inventory_source == "kubernetes":
         nodes = f"{len(cfg.nodes)} static nodes; the others come from the Kubernetes API at run time"
     click.echo(f"{cfg.path}: ok ({nodes})")
+    if cfg.proxy.insecure_anonymous_loopback:
+        from tunneld.config.access import INSECURE_ANONYMOUS
+        click.echo(f"warning: {INSECURE_ANONYMOUS}", err=True)
 
 
 @main.command()
@@ -105,7 +108,7 @@ def status(node: str | None, socket_path: str, output: str, watch: bool, interva
         data = get_json(socket_path, path)
         if output == "json":
             return json.dumps(data, indent=None if watch else 2)
-        return render.detail(data) if node else render.tunnel_table(data["tunnels"])
+        return render.detail(data) if node else render.overview(data)
 
     if not watch:
         render.show(con, view())

@@ -126,6 +126,13 @@ def tunnel_table(tunnels: Sequence[dict[str, Any]], now: float | None = None) ->
     return table
 
 
+def overview(data: dict[str, Any], now: float | None = None) -> RenderableType:
+    """``tunneld status``: the daemon's warnings about insecure settings in force, then the tunnel table."""
+    warnings = [Text(f"WARNING: {w}", style="bold red") for w in data.get("gateway", {}).get("warnings") or ()]
+    table = tunnel_table(data["tunnels"], now)
+    return Group(*warnings, table) if warnings else table
+
+
 def detail(t: dict[str, Any], now: float | None = None) -> Table:
     """One node's tunnel in detail (``tunneld status NODE``)."""
     now = now or time.time()

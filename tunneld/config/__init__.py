@@ -9,6 +9,7 @@ from tunneld.config.schema import (
     APPROVAL_POLICIES,
     APISettings,
     AuthSettings,
+    AuthzSettings,
     CASettings,
     Config,
     CSRSettings,
@@ -31,8 +32,9 @@ from tunneld.config.schema import (
 from tunneld.config.sections import in_cluster
 
 __all__ = [
-    "APPROVAL_POLICIES", "APISettings", "AuthSettings", "CASettings", "CSRSettings", "Config", "DialSettings",
-    "DialinSettings", "EgressSettings", "HealthSettings", "KubeletSettings", "KubernetesInventorySettings",
+    "APPROVAL_POLICIES", "APISettings", "AuthSettings", "AuthzSettings", "CASettings", "CSRSettings", "Config",
+    "DialSettings", "DialinSettings", "EgressSettings", "HealthSettings", "KubeletSettings",
+    "KubernetesInventorySettings",
     "LimitSettings", "Node",
     "PolicySettings", "ProxySettings", "SSHSettings", "ServicePort", "ServiceSettings", "StatusSettings",
     "TLSServerSettings", "check_files", "in_cluster", "load_checked", "load_config", "load_inventory_nodes",

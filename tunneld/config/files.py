@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from certs.tokens import TokenFileError, load_token_file
 from tunneld.config.schema import Config
 
 
@@ -28,8 +29,10 @@ def check_files(config: Config) -> list[str]:
             named += [(f"{section}.tls_cert", tls.cert), (f"{section}.tls_key", tls.key),
                       (f"{section}.client_ca", tls.client_ca)]
     if config.api is not None and config.ca is not None:  # the CA files are only needed to serve the API
-        named += [("ca.cert", config.ca.cert), ("ca.key", config.ca.key), ("auth.token_file", config.auth.token_file),
+        named += [("ca.cert", config.ca.cert), ("ca.key", config.ca.key),
                   ("api.tls_cert", config.api.tls_cert), ("api.tls_key", config.api.tls_key)]
+    if config.api is not None or config.proxy.listen is not None:  # who reads the token file
+        named.append(("auth.token_file", config.auth.token_file))
     if config.csr.store == "etcd":
         named += [("csr.etcd_ca", config.csr.etcd_ca), ("csr.etcd_cert", config.csr.etcd_cert),
                   ("csr.etcd_key", config.csr.etcd_key)]
@@ -47,6 +50,11 @@ def check_files(config: Config) -> list[str]:
         why = unusable(path)
         if why:
             problems.append(f"{config.path}: {key}: {path}: {why}")
+        elif key == "auth.token_file":
+            try:
+                load_token_file(path)
+            except TokenFileError as exc:
+                problems.append(f"{config.path}: {key}: {exc}")
     return problems
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 from pathlib import Path
 from typing import Any
 
-from netnames import is_dns_subdomain, is_loopback, parse_ip, split_host_port
+from netnames import is_dns_subdomain, parse_ip, split_host_port
 from tunneld.config.reader import Section
 from tunneld.config.schema import EgressSettings, ProxySettings, ServicePort, ServiceSettings, TLSServerSettings
 
@@ -24,19 +25,24 @@ def tls_keys(sec: Section, problems: list[str], require_client_ca: bool) -> TLSS
     return TLSServerSettings(cert, key, ca)
 
 
-def listener_sections(e: Section, p: Section, problems: list[str]) -> tuple[EgressSettings, ProxySettings]:
-    mode_text = e.get("socket_mode", str, "0600")
+def socket_mode(sec: Section) -> int:
+    """``socket_mode``: an octal string, never giving access to others (default ``"0600"``)."""
+    mode_text = sec.get("socket_mode", str, "0600")
     try:
         mode = int(mode_text, 8)
         if mode & ~0o777:
             raise ValueError
     except ValueError:
-        e.problem("socket_mode", f"{mode_text!r} is not an octal file mode such as \"0600\" or \"0660\"")
-        mode = 0o600
+        sec.problem("socket_mode", f"{mode_text!r} is not an octal file mode such as \"0600\" or \"0660\"")
+        return 0o600
     if mode & 0o007:
-        e.problem("socket_mode", "must not give access to others (use a group: 0660)")
+        sec.problem("socket_mode", "must not give access to others (use a group: 0660)")
+    return mode
+
+
+def listener_sections(e: Section, p: Section, problems: list[str]) -> tuple[EgressSettings, ProxySettings]:
     egress = EgressSettings(
-        socket=e.path("socket", None), socket_mode=mode, listen=e.get("listen", str, None),
+        socket=e.path("socket", None), socket_mode=socket_mode(e), listen=e.get("listen", str, None),
         tls=tls_keys(e, problems, require_client_ca=True), grpc_socket=e.path("grpc_socket", None),
         grpc_max_pending_dials=e.integer("grpc_max_pending_dials", 256, minimum=1, maximum=100_000),
     )
@@ -53,17 +59,23 @@ def listener_sections(e: Section, p: Section, problems: list[str]) -> tuple[Egre
     proxy = ProxySettings(
         listen=p.get("listen", str, None),
         tls=tls_keys(p, problems, require_client_ca=False),
+        socket=p.path("socket", None), socket_mode=socket_mode(p), socket_group=p.get("socket_group", str, None),
+        insecure_anonymous_loopback=p.get("insecure_anonymous_loopback", bool, False),
         target_certificate_authority=p.path("target_certificate_authority", None),
         pods_refresh=p.number("pods_refresh", 30.0),
     )
     if proxy.listen is not None:
         try:
-            host, _ = split_host_port(proxy.listen)
+            split_host_port(proxy.listen)
         except ValueError as exc:
             p.problem("listen", str(exc))
-        else:
-            if not is_loopback(host) and (proxy.tls is None or proxy.tls.client_ca is None):
-                p.problem("listen", f"{host} is not loopback: serving it needs tls_cert, tls_key and client_ca")
+    if proxy.socket_group is not None:
+        try:
+            grp.getgrnam(proxy.socket_group)
+        except KeyError:
+            p.problem("socket_group", f"no group named {proxy.socket_group!r} on this host")
+        if proxy.socket is None:
+            p.problem("socket_group", "needs socket")
     p.unknown()
     return egress, proxy
 

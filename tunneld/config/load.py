@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tunneld.config.access import authz_section, check_proxy_access
 from tunneld.config.certauth import certs_sections
 from tunneld.config.contents import check_contents
 from tunneld.config.dialin import dialin_section
@@ -54,6 +55,11 @@ def _load(path: Path) -> tuple[Config, list[str]]:
 
     egress, proxy = listener_sections(table("egress"), table("proxy"), problems)
     ca, api, auth, csr = certs_sections(table("ca"), table("api"), table("auth"), table("csr"), problems)
+    check_proxy_access(proxy, auth, problems)
+    authz = authz_section(table("authz"), base, problems)
+    if authz.rules is not None:
+        source = f"[[authz.rules]] of {path}"
+        authz = dataclasses.replace(authz, source=source)
     log_level, log_format = log_section(table("log"))
     inv = table("inventory")
     inventory_file = inv.path("file", None)
@@ -65,7 +71,7 @@ def _load(path: Path) -> tuple[Config, list[str]]:
         kubelet=kubelet_section(table("kubelet")), policy=policy_section(table("policy")),
         limits=limits_section(table("limits")), inventory_file=inventory_file, inventory_source=inventory_source,
         kubernetes=kubernetes, services=tuple(services_section(top.get("services", list, []), base, problems)),
-        log_level=log_level, log_format=log_format, ca=ca, api=api, auth=auth, csr=csr,
+        log_level=log_level, log_format=log_format, ca=ca, api=api, auth=auth, authz=authz, csr=csr,
         dialin=dialin_section(table("dialin"), "dialin" in data),
     )
     nodes = parse_nodes(top.get("nodes", list, []), base, problems) if "nodes" in data else []

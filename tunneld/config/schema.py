@@ -9,6 +9,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.authz import Rule
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -118,7 +120,15 @@ class ProxySettings:
     """The front serving apiserver-style proxy URLs and kubelet subresources."""
 
     listen: str | None = None
+    """``host:port`` TCP listener: callers authenticate with a bearer token or a client certificate."""
     tls: TLSServerSettings | None = None
+    socket: Path | None = None
+    """Unix socket listener: callers are known by their uid (see :mod:`proxy.authn`)."""
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    """Group owning the socket; its members are in group ``tunneld:proxy``."""
+    insecure_anonymous_loopback: bool = False
+    """Callers on a loopback ``listen`` address with no credentials are ``system:anonymous`` (labs only)."""
     target_certificate_authority: Path | None = None
     """Verify ``https:`` pod and service targets against this CA (unverified when unset)."""
     pods_refresh: float = 30.0
@@ -184,9 +194,19 @@ class APISettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """Static callers of the certificates API."""
+    """Static callers (bearer tokens) of the certificates API and the proxy front."""
 
     token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class AuthzSettings:
+    """``[[authz.rules]]``: what callers of the proxy front may do (see :mod:`proxy.authz`)."""
+
+    rules: tuple[Rule, ...] | None = None
+    """None: the default (``system:masters`` may do everything, nobody else anything)."""
+    source: str = "the default rules (system:masters only)"
+    """Names the table in refusals and audit lines."""
 
 
 @dataclass(frozen=True)
@@ -293,5 +313,6 @@ class Config:
     ca: CASettings | None = None
     api: APISettings | None = None
     auth: AuthSettings = field(default_factory=AuthSettings)
+    authz: AuthzSettings = field(default_factory=AuthzSettings)
     csr: CSRSettings = field(default_factory=CSRSettings)
     dialin: DialinSettings | None = None

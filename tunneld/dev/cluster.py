@@ -3,7 +3,8 @@
 Writes everything (keys, known_hosts, CAs, config) to a private work directory so the gateway is configured exactly
 as a real one would be, and ``tunneld status --socket`` works from another terminal. Each node runs two pods
 (``default/web-N`` and ``kube-system/agent-node-N``) whose apps (see :mod:`tunneld.dev.podapps`) are reachable through
-the node's tunnel; the gateway serves proxy URLs on ``127.0.0.1:<proxy_port>`` and HTTP CONNECT on
+the node's tunnel; the gateway serves proxy URLs on ``127.0.0.1:<proxy_port>`` (bearer token in ``proxy.token``, for
+the user who started it, in ``system:masters``) and on ``<workdir>/proxy.sock`` (that user's uid), HTTP CONNECT on
 ``<workdir>/egress.sock``, verifies kubelets against ``kubelet-ca.crt`` and https pod/service targets against
 ``pod-ca.crt``, and knows one service, ``default/web`` (ports ``http`` 80 -> 8080, ``https`` 443 -> 8443) whose
 endpoints are the web pods.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import getpass
 import ipaddress
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -22,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from certs.files import write_secret
+from certs.kubeconfig import Cluster, Context, KubeConfig, User
 from tunneld.app import Gateway
 from tunneld.cli import render
 from tunneld.config import load_config
@@ -57,6 +62,9 @@ class DevCluster:
     config_path: Path | None = None
     proxy_port: int = DEFAULT_PROXY_PORT
     """Port of the proxy-URL front on 127.0.0.1; 0 picks a free port (written to the config, and kept here)."""
+    proxy_tls: bool = False
+    """Serve the proxy-URL front over TLS (``proxy-ca.crt`` signs its certificate): kubectl sends a bearer token
+    only over https. ``tunneld dev`` sets it; tests that speak plain HTTP leave it off."""
 
     @property
     def egress_socket(self) -> Path:
@@ -69,9 +77,54 @@ class DevCluster:
         return self.workdir / "grpc.sock"
 
     @property
+    def proxy_socket(self) -> Path:
+        """The proxy-URL front's unix socket (callers known by their uid)."""
+        return self.workdir / "proxy.sock"
+
+    @property
+    def token_path(self) -> Path:
+        """The bearer token (mode 0600) of the user who started the cluster, for the proxy-URL front."""
+        return self.workdir / "proxy.token"
+
+    @property
+    def kubeconfig(self) -> Path:
+        """A kubeconfig (mode 0600) for the proxy-URL front with that token."""
+        return self.workdir / "kubeconfig"
+
+    @property
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    @property
+    def auth_header(self) -> tuple[str, str]:
+        """``("Authorization", "Bearer <token>")`` for the proxy-URL front."""
+        return "Authorization", f"Bearer {self.token}"
+
+    def _write_credentials(self) -> None:
+        """A token for whoever started the cluster (never ``insecure_anonymous_loopback``): the token file the
+        gateway reads, the token alone, and a kubeconfig, all 0600."""
+        token = secrets.token_urlsafe(32)
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid:{os.getuid()}"
+        write_secret(self.workdir / "tokens.csv", f'{token},{user},{os.getuid()},"system:masters"\n'.encode())
+        write_secret(self.token_path, f"{token}\n".encode())
+        ca_pem = self.proxy_ca.read_bytes() if self.proxy_tls else None
+        config = KubeConfig(clusters=(Cluster("tunneld-dev", self.proxy_url, ca_pem),),
+                            users=(User(user, token=token),),
+                            contexts=(Context("tunneld-dev", "tunneld-dev", user),), current_context="tunneld-dev")
+        write_secret(self.kubeconfig, config.dumps().encode())
+
+    @property
     def proxy_url(self) -> str:
         """Base URL of the proxy-URL front."""
-        return f"http://127.0.0.1:{self.proxy_port}"
+        return f"{'https' if self.proxy_tls else 'http'}://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def proxy_ca(self) -> Path:
+        """The CA of the proxy-URL front's TLS certificate (with ``proxy_tls``)."""
+        return self.workdir / "proxy-ca.crt"
 
     def _pods(self, index: int, node: str, pod_ca: DevCA) -> list[SimPod]:
         pods = [
@@ -97,6 +150,14 @@ class DevCluster:
         (self.workdir / "pod-ca.crt").write_bytes(pod_ca.cert_pem)
         if self.proxy_port == 0:
             self.proxy_port = free_port()
+        proxy_tls = ""
+        if self.proxy_tls:
+            proxy_ca = DevCA("tunneld dev proxy CA")
+            self.proxy_ca.write_bytes(proxy_ca.cert_pem)
+            proxy_ca.issue_serving("127.0.0.1", ["127.0.0.1", "localhost"]).write(
+                self.workdir / "proxy.crt", self.workdir / "proxy.key")
+            proxy_tls = 'tls_cert = "proxy.crt"\ntls_key = "proxy.key"\n'
+        self._write_credentials()
         first = ipaddress.ip_address(self.base_address)
         node_tables = []
         web_ips = []
@@ -130,7 +191,9 @@ class DevCluster:
             f'[status]\nsocket = "{self.workdir / "tunneld.sock"}"\n\n'
             '[kubelet]\ncertificate_authority = "kubelet-ca.crt"\n\n'
             f'[egress]\nsocket = "{self.egress_socket}"\ngrpc_socket = "{self.grpc_socket}"\n\n'
-            f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\ntarget_certificate_authority = "pod-ca.crt"\n\n'
+            '[auth]\ntoken_file = "tokens.csv"\n\n'
+            f'[proxy]\nlisten = "127.0.0.1:{self.proxy_port}"\nsocket = "{self.proxy_socket}"\n{proxy_tls}'
+            'target_certificate_authority = "pod-ca.crt"\n\n'
             '[[services]]\nnamespace = "default"\nname = "web"\n'
             f"endpoints = [{endpoints}]\n"
             'ports = [\n  {name = "http", port = 80, target_port = 8080},\n'
@@ -175,12 +238,22 @@ def examples(cluster: DevCluster) -> list[str]:
     """Commands to try against a running dev cluster (each goes through a node's SSH tunnel)."""
     base = cluster.proxy_url
     pod = cluster.kubelets[0].pods[0]
+    node = cluster.kubelets[0].node
+    auth = f'-H "Authorization: Bearer $(cat {cluster.token_path})"'
+    kubectl = []
+    if cluster.proxy_tls:  # kubectl sends a bearer token over https only
+        auth = f"--cacert {cluster.proxy_ca} {auth}"
+        kubectl = [f"kubectl --kubeconfig {cluster.kubeconfig} get --raw {path}" for path in (
+            f"/api/v1/nodes/{node}/proxy/healthz", "/api/v1/namespaces/default/services/web:http/proxy/hello")]
     return [
-        f"curl {base}/api/v1/nodes/{cluster.kubelets[0].node}/proxy/healthz",
-        f"curl -N '{base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/log?follow=true&tailLines=3'",
-        f"curl {base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/proxy/hello",
-        f"curl {base}/api/v1/namespaces/default/services/web:http/proxy/hello",
-        f"curl '{base}/api/v1/namespaces/default/services/https:web:443/proxy/big?bytes=1000000' | wc -c",
+        f"curl {auth} {base}/api/v1/nodes/{node}/proxy/healthz",
+        f"curl {auth} -N '{base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/log?follow=true&tailLines=3'",
+        f"curl {auth} {base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/proxy/hello",
+        f"curl {auth} {base}/api/v1/namespaces/default/services/web:http/proxy/hello",
+        f"curl {auth} '{base}/api/v1/namespaces/default/services/https:web:443/proxy/big?bytes=1000000' | wc -c",
+        *kubectl,
+        # The unix socket knows its callers by uid: no token needed for the user who started the cluster.
+        f"curl --unix-socket {cluster.proxy_socket} http://localhost/api/v1/nodes/{node}/proxy/healthz",
         # curl cannot talk to an HTTP proxy over a unix socket: send the CONNECT itself; its "body" is the request
         # that travels through the tunnel, and the pod's answer comes back as the CONNECT response's body.
         f"curl --unix-socket {cluster.egress_socket} -X CONNECT --request-target {pod.ip}:8080 "
@@ -206,7 +279,8 @@ async def run(
     """
     if proxy_port is None:
         proxy_port = 0 if check else DEFAULT_PROXY_PORT
-    cluster = DevCluster(nodes=nodes, base_address=base_address, ssh_port=ssh_port, proxy_port=proxy_port)
+    cluster = DevCluster(nodes=nodes, base_address=base_address, ssh_port=ssh_port, proxy_port=proxy_port,
+                         proxy_tls=True)
     temporary = workdir is None
     if workdir is not None:
         cluster.workdir = workdir
@@ -230,6 +304,8 @@ async def run(
                                 "(choose another port with --proxy-port, or --proxy-port 0 for any free one)") from exc
         gateway = started
         all_up = await wait_all_up(gateway, timeout=30 + nodes * 0.05)
+        if all_up:
+            await gateway.api_front.pods.refresh()  # the first listing may have run before the tunnels were up
         print(render.table(gateway.pool.snapshot()), flush=True)
         results = await healthz_through_tunnels(gateway)
         print()
@@ -242,7 +318,8 @@ async def run(
         if check:
             return 0 if ok else 1
         print()
-        print("Try (proxy URLs, a service over verified pod TLS, and HTTP CONNECT on the egress socket):")
+        print(f"Try (proxy URLs with the bearer token in {cluster.token_path}, a service over verified pod TLS,")
+        print("kubectl, the proxy front's unix socket, and HTTP CONNECT on the egress socket):")
         for command in examples(cluster):
             print(f"  {command}")
         print()
