@@ -243,8 +243,17 @@ def examples(cluster: DevCluster) -> list[str]:
     kubectl = []
     if cluster.proxy_tls:  # kubectl sends a bearer token over https only
         auth = f"--cacert {cluster.proxy_ca} {auth}"
-        kubectl = [f"kubectl --kubeconfig {cluster.kubeconfig} get --raw {path}" for path in (
+        k = f"kubectl --kubeconfig {cluster.kubeconfig}"
+        kubectl = [f"{k} get --raw {path}" for path in (
             f"/api/v1/nodes/{node}/proxy/healthz", "/api/v1/namespaces/default/services/web:http/proxy/hello")]
+        kubectl += [
+            f"{k} get pods -A -o wide",
+            f"{k} exec -n {pod.namespace} {pod.name} -- echo hello from {pod.name}",
+            f"echo typed into stdin | {k} exec -i -n {pod.namespace} {pod.name} -- cat",
+            # port-forward runs until stopped: this line forwards, fetches once through it, and stops it.
+            f"({k} port-forward -n {pod.namespace} pod/{pod.name} 18080:8080 >/dev/null & sleep 2; "
+            f"curl -s http://127.0.0.1:18080/hello; kill $!)",
+        ]
     return [
         f"curl {auth} {base}/api/v1/nodes/{node}/proxy/healthz",
         f"curl {auth} -N '{base}/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/log?follow=true&tailLines=3'",
