@@ -199,6 +199,7 @@ class _NodeServer(asyncssh.SSHServer):
 
     def _refuse(self, why: str) -> None:
         self.refusal = why
+        self._listener.refused += 1
         audit.warning("dial-in refused: %s", why, extra={"peer": self.peer, "node": self.node or "-"})
 
     # -- authentication: user certificates from the user CA only -------------------------------------------
