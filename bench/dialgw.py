@@ -48,12 +48,15 @@ class DialinGateway(GatewayProcess):
 
     def __init__(self, workdir: Path, port: int, entries: Iterable[NodeEntry], *, health: bool = False,
                  node_ports: tuple[int, ...] = (), max_concurrent_handshakes: int = 64,
-                 with_dialout_key: bool = True) -> None:
-        settings = GatewaySettings(user="bench", private_key=workdir / "client", known_hosts=workdir / "known_hosts",
-                                   health_enabled=health, node_ports=node_ports)
+                 with_dialout_key: bool = True, settings: GatewaySettings | None = None,
+                 dialout: Iterable[NodeEntry] = ()) -> None:
+        """``entries`` dial in; ``dialout`` nodes (with ``settings`` for their sshd) are dialled as usual."""
+        settings = settings or GatewaySettings(user="bench", private_key=workdir / "client",
+                                               known_hosts=workdir / "known_hosts", health_enabled=health,
+                                               node_ports=node_ports)
         super().__init__(workdir, settings, ())
         self.port = port
-        write_dialin_inventory(workdir / "nodes.toml", entries)
+        write_dialin_inventory(workdir / "nodes.toml", entries, dialout)
         text = self.config.read_text()
         if not with_dialout_key:
             start = text.index("[ssh]")
@@ -66,9 +69,11 @@ class DialinGateway(GatewayProcess):
         self.config.write_text(text)
 
 
-def write_dialin_inventory(path: Path, entries: Iterable[NodeEntry]) -> None:
-    """An inventory file of dial-in ``[[nodes]]`` (written atomically)."""
+def write_dialin_inventory(path: Path, entries: Iterable[NodeEntry], dialout: Iterable[NodeEntry] = ()) -> None:
+    """An inventory file of dial-in ``[[nodes]]`` and dial-out ones (written atomically)."""
     text = "".join(f'[[nodes]]\nname = "{n.name}"\naddress = "{n.address}"\nmode = "dial-in"\n\n' for n in entries)
+    text += "".join(f'[[nodes]]\nname = "{n.name}"\naddress = "{n.address}"\nssh_port = {n.ssh_port}\n\n'
+                    for n in dialout)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text or "nodes = []\n")
     os.replace(tmp, path)
