@@ -77,13 +77,13 @@ class DialinBed:
         return path
 
     def ssh_command(self, config: Path, node: str, port: int, key: Path,
-                    gateway_host: str | None = None) -> tuple[list[str], str]:
+                    gateway_host: str | None = None, extra: tuple[str, ...] = ()) -> tuple[list[str], str]:
         """``tunneld node ssh-command``'s two lines, the command split into argv and the known_hosts line."""
         result = CliRunner().invoke(cli, [
             "node", "ssh-command", "-c", str(config), "--node", node,
             "--gateway", f"{gateway_host or self.gateway_host}:{port}",
             "--host-ca", str(self.dir / "ssh_ca.pub"), "--key", str(key),
-            "--known-hosts", str(self.dir / f"node_known_hosts_{node}"),
+            "--known-hosts", str(self.dir / f"node_known_hosts_{node}"), *extra,
         ])
         assert result.exit_code == 0, result.output
         lines = result.stdout.strip().splitlines()

@@ -84,13 +84,14 @@ def server_url(api: APISettings) -> str:
     return f"https://{host}:{port}"
 
 
-def node_ssh_issuer(path: Path | None, may_dial_in: Callable[[str], str | None]) -> NodeSSHIssuer | None:
-    """The issuer of nodes' SSH certificates, with ``[ca] ssh_user_ca``."""
+def node_ssh_issuer(path: Path | None, may_dial_in: Callable[[str], str | None],
+                    validity: int = 24 * 3600) -> NodeSSHIssuer | None:
+    """The issuer of nodes' SSH certificates, with ``[ca] ssh_user_ca`` (valid ``ssh_node_validity`` seconds)."""
     if path is None:
         return None
     from certs.sshca import SSHCA  # asyncssh, only when dial-in nodes get certificates here
 
-    return NodeSSHIssuer(SSHCA.load(path), may_dial_in)
+    return NodeSSHIssuer(SSHCA.load(path), may_dial_in, validity)
 
 
 class CertsDaemon:
@@ -109,7 +110,7 @@ class CertsDaemon:
         self.url = server_url(config.api)
         lim = config.limits
         self._nodes: dict[str, Node] = {n.name: n for n in config.nodes}
-        self.node_ssh = node_ssh_issuer(config.ca.ssh_user_ca, self._may_dial_in)
+        self.node_ssh = node_ssh_issuer(config.ca.ssh_user_ca, self._may_dial_in, config.ca.ssh_node_validity)
         self.api = APIListener(make_app(self.service, tls_authenticator(self.service), self.url, self.node_ssh),
                                Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout))
         self._signer: asyncio.Task[None] | None = None

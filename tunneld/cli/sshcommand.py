@@ -102,6 +102,19 @@ def known_hosts_line(host: str, port: int, ca_public: str) -> str:
     return f"@cert-authority {pattern} {ca_public.strip()}"
 
 
+def api_node(name: str, address: str, kubelet_port: int) -> Node:
+    """A dial-in node as the Kubernetes node source would make it (``tunneld.io/mode=dial-in``)."""
+    from netnames import is_dns_subdomain, parse_ip
+
+    if not is_dns_subdomain(name):
+        raise click.ClickException(f"--node {name!r} is not a valid node name")
+    try:
+        ip = str(parse_ip(address))
+    except ValueError as exc:
+        raise click.ClickException(f"--address: {exc}") from exc
+    return Node(name=name, address=ip, kubelet_port=kubelet_port, mode="dial-in")
+
+
 @click.group()
 def node() -> None:
     """Commands for dial-in nodes (nodes the gateway cannot reach; their OpenSSH client dials in)."""
@@ -118,18 +131,25 @@ def node() -> None:
 @click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_KNOWN_HOSTS,
               show_default=True, help="The known_hosts file on the node holding the printed line.")
 @click.option("--forward-port", type=click.IntRange(1, 65535), default=FORWARD_PORT, show_default=True)
+@click.option("--address", help="For a node of the Kubernetes node source (not in the config file): its InternalIP.")
+@click.option("--kubelet-port", type=click.IntRange(1, 65535), default=10250, show_default=True,
+              help="With --address: the node's kubelet port.")
 @click.option("--format", "fmt", type=click.Choice(["command", "ssh-config"]), default="command", show_default=True,
               help="command: the ssh command line, then the known_hosts line; ssh-config: a config file for the "
                    "tunneld-node@ unit (host alias tunneld-gateway), the known_hosts line in a comment.")
 def ssh_command(config_path: str, node_name: str, gateway: str, host_ca: Path | None, key: Path, known_hosts: Path,
-                forward_port: int, fmt: str) -> None:
+                forward_port: int, address: str | None, kubelet_port: int, fmt: str) -> None:
     """Print the ssh command a dial-in node runs, and the known_hosts line it needs."""
     from tunneld.cli.localapi import load_or_exit
 
     config = load_or_exit(config_path, files=False)
     found = [n for n in config.nodes if n.name == node_name]
+    if not found and address is not None and config.inventory_source == "kubernetes":
+        found = [api_node(node_name, address, kubelet_port)]
     if not found:
-        raise click.ClickException(f"node {node_name!r} is not in the inventory of {config_path}")
+        hint = " (a node of the Kubernetes node source: give --address)" if config.inventory_source == "kubernetes" \
+            else ""
+        raise click.ClickException(f"node {node_name!r} is not in the inventory of {config_path}{hint}")
     if found[0].mode != "dial-in":
         raise click.ClickException(f"node {node_name!r} has mode {found[0].mode}, not dial-in")
     if host_ca is None:

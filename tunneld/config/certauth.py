@@ -14,8 +14,10 @@ def certs_sections(c: Section, a: Section, au: Section, cs: Section, problems: l
     """The ``[ca]``, ``[api]``, ``[auth]`` and ``[csr]`` sections (the certificates part of the daemon)."""
     cert, key, ssh_key = c.path("cert", None), c.path("key", None), c.path("ssh_key", None)
     ssh_user_ca = c.path("ssh_user_ca", None)
+    ssh_node_validity = c.integer("ssh_node_validity", 24 * 3600, minimum=60, maximum=30 * 24 * 3600)
     c.unknown()
-    ca = CASettings(cert, key, ssh_key, ssh_user_ca) if cert is not None and key is not None else None
+    ca = (CASettings(cert, key, ssh_key, ssh_user_ca, ssh_node_validity) if cert is not None and key is not None
+          else None)
     if (cert is None) != (key is None):
         c.problem("cert" if cert is None else "key", "cert and key go together")
     api: APISettings | None = None

@@ -29,6 +29,7 @@ from tunneld.config.sections import (
     limits_section,
     log_section,
     policy_section,
+    ssh_keys_problems,
     ssh_section,
     status_section,
 )
@@ -81,7 +82,21 @@ def _load(path: Path) -> tuple[Config, list[str]]:
     found += [f"{path}: {p}" for p in overlapping_pod_cidrs(nodes) + _shared_listeners(config)]
     if config.dialin is None and any(n.mode == "dial-in" for n in nodes):
         found.append(f"{path}: dialin: required (a [dialin] listener) when a node has mode = \"dial-in\"")
+    if may_dial_out(config, nodes):
+        missing = ssh_keys_problems(config.ssh)
+        if missing and config.dialin is not None:
+            why = ("the Kubernetes node source may add dial-out nodes" if config.inventory_source == "kubernetes"
+                   else "nodes " + ", ".join(n.name for n in nodes if n.mode == "dial-out")[:200] + " are dial-out")
+            missing = [f"{m}; {why}" for m in missing]
+        found += [f"{path}: {m}" for m in missing]
     return dataclasses.replace(config, nodes=tuple(nodes)), found
+
+
+def may_dial_out(config: Config, nodes: list[Node]) -> bool:
+    """Whether the gateway may dial out to a node, and so needs ``[ssh] private_key`` and ``known_hosts``: unless it
+    has a ``[dialin]`` listener, every node of the file is dial-in and no Kubernetes node source can add others."""
+    return (config.dialin is None or config.inventory_source == "kubernetes"
+            or any(n.mode != "dial-in" for n in nodes))
 
 
 def _shared_listeners(config: Config) -> list[str]:

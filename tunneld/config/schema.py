@@ -176,6 +176,8 @@ class CASettings:
     ssh_key: Path | None = None
     ssh_user_ca: Path | None = None
     """The SSH user CA's private key (``ssh_user_ca``): enables ``nodesshcertificates`` on the API."""
+    ssh_node_validity: int = 24 * 3600
+    """Seconds a node SSH certificate issued by the API is valid (``ssh_node_validity``; 60 s to 30 days)."""
 
 
 @dataclass(frozen=True)

@@ -43,17 +43,24 @@ def ssh_section(s: Section) -> SSHSettings:
         max_reconnect_attempts=s.integer("max_reconnect_attempts", 0, minimum=0),
     )
     s.unknown()
-    if ssh.private_key is None:
-        s.problem("private_key", "required (the key the gateway logs in to nodes with)")
-    if ssh.known_hosts is None and not ssh.insecure_skip_host_key_check:
-        s.problem("known_hosts",
-                  "required (a known_hosts file, typically one '@cert-authority' line for the cluster's "
-                  "SSH CA); host-key checking can only be skipped with insecure_skip_host_key_check = true")
     if not 0.0 <= ssh.backoff_jitter <= 1.0:
         s.problem("backoff_jitter", f"{ssh.backoff_jitter:g} is not between 0 and 1")
     if ssh.backoff_max < ssh.backoff_initial:
         s.problem("backoff_max", "must not be less than ssh.backoff_initial")
     return ssh
+
+
+def ssh_keys_problems(ssh: SSHSettings) -> list[str]:
+    """``[ssh] private_key`` and ``known_hosts`` when missing: required whenever the gateway may dial out (see
+    :func:`tunneld.config.load._load`: a pure dial-in gateway does without them)."""
+    problems = []
+    if ssh.private_key is None:
+        problems.append("ssh.private_key: required (the key the gateway logs in to nodes with)")
+    if ssh.known_hosts is None and not ssh.insecure_skip_host_key_check:
+        problems.append("ssh.known_hosts: required (a known_hosts file, typically one '@cert-authority' line for the "
+                        "cluster's SSH CA); host-key checking can only be skipped with insecure_skip_host_key_check = "
+                        "true")
+    return problems
 
 
 def health_section(h: Section) -> HealthSettings:

@@ -49,7 +49,11 @@ class Dialin(DialinListener):
                                          counters_for=pool.counters_for, revoked=self.revocations))
 
     def reload_revoked(self) -> None:
+        """Re-read ``revoked_keys``; connections whose certificate it now revokes are closed."""
         self.revocations.reload()
+        closed = self.close_revoked()
+        if closed:
+            log.warning("closed dial-in connections with revoked certificates: %s", ", ".join(sorted(closed)))
 
 
 def build_listener(settings: DialinSettings, pool: Pool) -> Dialin:

@@ -199,6 +199,7 @@ class _NodeServer(asyncssh.SSHServer):
 
     def _refuse(self, why: str) -> None:
         self.refusal = why
+        self._listener.refused += 1
         audit.warning("dial-in refused: %s", why, extra={"peer": self.peer, "node": self.node or "-"})
 
     # -- authentication: user certificates from the user CA only -------------------------------------------
@@ -239,10 +240,14 @@ class _NodeServer(asyncssh.SSHServer):
                                          "serial": facts.serial})
 
     def _expired(self) -> None:
-        log.warning("dial-in certificate expired: closing the connection", extra={"node": self.node,
-                                                                               "peer": self.peer})
+        audit.warning("dial-in connection closed: its certificate expired", extra={"node": self.node,
+                                                                                  "peer": self.peer})
+        self.disconnect("closed: its certificate expired")
+
+    def disconnect(self, why: str) -> None:
+        """Close this connection (its streams end as broken)."""
         if self.link is not None:
-            self.link.close("closed: its certificate expired")
+            self.link.close(why)
         elif self._conn is not None:
             self._conn.close()
 
@@ -352,6 +357,22 @@ class DialinListener:
                 if server.refusal is None:
                     audit.warning("dial-in connection ended before login: %s",
                                   "login_grace passed or the peer left", extra={"peer": server.peer})
+
+    def close_revoked(self) -> list[str]:
+        """Close every logged-in connection whose certificate is now revoked; returns the nodes closed."""
+        closed = []
+        for server in list(self.connections):
+            facts = server.offered
+            if server.handshaking or facts is None:
+                continue
+            why = self.hooks.revoked(facts)
+            if why is None:
+                continue
+            audit.warning("dial-in connection closed: certificate %r (serial %d) is revoked: %s",
+                          sanitize(facts.key_id), facts.serial, why, extra={"node": server.node, "peer": server.peer})
+            server.disconnect("closed: its certificate was revoked")
+            closed.append(server.node or "?")
+        return closed
 
     async def start(self) -> None:
         host, port = split_host_port(self.settings.listen)

@@ -4,7 +4,9 @@ How an API Node becomes a :class:`~tunneld.config.Node` (:func:`node_from_object
 address = the first ``InternalIP`` of ``status.addresses`` (no fallback to ``ExternalIP``: the gateway belongs on the
 cluster's internal network; a node without an InternalIP is skipped with a warning), pod CIDR = ``spec.podCIDR``,
 kubelet port = ``status.daemonEndpoints.kubeletEndpoint.Port`` (10250 when absent), ssh port = ``[inventory]
-ssh_port``. :class:`NodeCache` applies list results and watch events; :func:`merge_nodes` merges with ``[[nodes]]``.
+ssh_port``, mode = the label or annotation ``tunneld.io/mode`` (``dial-in`` or ``dial-out``, the default; any
+other value, or a label and an annotation that disagree, skips the node rather than guess).
+:class:`NodeCache` applies list results and watch events; :func:`merge_nodes` merges with ``[[nodes]]``.
 The typed errors of the source live here too, so that the watch loop (:mod:`.k8s_watch`) and callers share them.
 """
 
@@ -16,10 +18,12 @@ from typing import Any
 
 from netnames import is_dns_subdomain, parse_ip, parse_network
 from tunneld.config import Node
+from tunneld.config.schema import NODE_MODES
 
 log = logging.getLogger("tunneld.k8s")
 
 DEFAULT_KUBELET_PORT = 10250
+MODE_KEY = "tunneld.io/mode"
 
 
 class KubeInventoryError(Exception):
@@ -98,7 +102,20 @@ def node_from_object(obj: Mapping[str, Any], ssh_port: int = 22) -> Node:
     port = get_path(obj, "status", "daemonEndpoints", "kubeletEndpoint", "Port")
     kubelet_port = port if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 else None
     return Node(name=name, address=address, ssh_port=ssh_port, kubelet_port=kubelet_port or DEFAULT_KUBELET_PORT,
-                pod_cidr=pod_cidr)
+                pod_cidr=pod_cidr, mode=node_mode(obj))
+
+
+def node_mode(obj: Mapping[str, Any]) -> str:
+    """``dial-in`` or ``dial-out`` from the label or annotation ``tunneld.io/mode``; raises :class:`SkipNode`."""
+    found = {where: get_path(obj, "metadata", where, MODE_KEY) for where in ("labels", "annotations")}
+    values = {v for v in found.values() if v is not None}
+    for value in values:
+        if value not in NODE_MODES:
+            shown = "".join(c if c.isascii() and c.isprintable() else "?" for c in str(value)[:40])
+            raise SkipNode(f"{MODE_KEY} {shown!r} is not one of {', '.join(NODE_MODES)}")
+    if len(values) > 1:
+        raise SkipNode(f"the label and the annotation {MODE_KEY} disagree")
+    return str(values.pop()) if values else "dial-out"
 
 
 def merge_nodes(static: Iterable[Node], discovered: Iterable[Node]) -> tuple[list[Node], list[str]]:
