@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import kubectl
-from tests.loopback.conftest import fast_config, started
+from tests.loopback.conftest import fast_config, next_base, started
 from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
@@ -27,6 +27,19 @@ def bridged(caplog: pytest.LogCaptureFixture, kind: str) -> int:
 
 
 @pytest.fixture
+async def cluster(short_dir: Path) -> AsyncIterator[DevCluster]:
+    """The dev cluster with its proxy front on TLS, as `tunneld dev` serves it: kubectl sends its token over https
+    only (the kubeconfig the cluster writes carries the token and pins the front's CA)."""
+    c = DevCluster(nodes=3, base_address=next_base(), ssh_port=2222, workdir=short_dir / "dev", proxy_port=0,
+                   proxy_tls=True)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+@pytest.fixture
 async def gw(cluster: DevCluster) -> AsyncIterator[Gateway]:
     gateway = await started(fast_config(cluster))
     try:
@@ -36,7 +49,7 @@ async def gw(cluster: DevCluster) -> AsyncIterator[Gateway]:
 
 
 def base(cluster: DevCluster) -> list[str]:
-    return [f"--server={cluster.proxy_url}", "--request-timeout=20s"]
+    return [f"--kubeconfig={cluster.kubeconfig}", "--request-timeout=20s"]
 
 
 async def test_get_nodes_and_pods(cluster: DevCluster, gw: Gateway) -> None:
