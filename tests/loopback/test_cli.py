@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tunneld.dev.cluster import DevCluster
 
+from ..waiting import wait_value
 from .conftest import next_base
 
 
@@ -42,14 +42,9 @@ async def _status(sock: Path) -> dict:
 
 
 async def _wait_status(sock: Path, cond, what: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        data = await _status(sock)
-        if "tunnels" in data and cond({t["node"]: t for t in data["tunnels"]}):
-            return data
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {data}")
-        await asyncio.sleep(0.2)
+    return await wait_value(lambda: _status(sock),
+                            lambda data: "tunnels" in data and cond({t["node"]: t for t in data["tunnels"]}),
+                            timeout, what, interval=0.2)
 
 
 async def test_serve_reloads_on_sighup_and_exits_on_sigterm(cluster: DevCluster, short_dir: Path) -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.waiting import wait_for, wait_value
 from tunneld.dev.cluster import DevCluster
 
 
@@ -122,14 +123,14 @@ async def test_json_logs_carry_context_and_never_the_key(cluster: DevCluster, sh
         stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert time.monotonic() < deadline and proc.returncode is None, "daemon did not bring the tunnels up"
-            if status_sock.exists():
-                data = _status_now(status_sock)
-                if data["tunnels"] and all(t["state"] == "up" for t in data["tunnels"]):
-                    break
-            await asyncio.sleep(0.2)
+        def all_up() -> bool:
+            assert proc.returncode is None, "the daemon exited"
+            if not status_sock.exists():
+                return False
+            data = _status_now(status_sock)
+            return bool(data["tunnels"]) and all(t["state"] == "up" for t in data["tunnels"])
+
+        await wait_for(all_up, 30, "the daemon to bring the tunnels up", interval=0.2)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:
@@ -174,10 +175,11 @@ async def test_sigterm_drains_open_streams_and_second_sigterm_exits_now(cluster:
     )
     echo = "10.244.1.10:7777"  # a TCP echo in a pod of node-1
     try:
-        deadline = time.monotonic() + 30
-        while (first := await _connect_through(egress, echo)) is None:
-            assert time.monotonic() < deadline and proc.returncode is None, "daemon did not come up"
-            await asyncio.sleep(0.2)
+        async def through() -> object:
+            assert proc.returncode is None, "the daemon exited"
+            return await _connect_through(egress, echo)
+
+        first = await wait_value(through, lambda c: c is not None, 30, "the daemon to come up", interval=0.2)
         second = await _connect_through(egress, echo)
         assert second is not None
 
