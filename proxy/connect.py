@@ -22,7 +22,7 @@ from netnames import split_authority
 from proxy.dialer import Dialer
 from proxy.errors import BadRequest, RouteError
 from proxy.server import Exchange
-from proxy.splice import splice
+from proxy.splice import StreamLimits, splice
 
 log = logging.getLogger("proxy.connect")
 
@@ -60,7 +60,9 @@ class ConnectFront:
         except BaseException:
             await stream.close()
             raise
-        result = await splice(ex.reader, ex.writer, stream, to_stream=ex.switched())
+        limits = StreamLimits(ex.limits.stream_idle_timeout, ex.limits.stream_max_lifetime)
+        result = await splice(ex.reader, ex.writer, stream, to_stream=ex.switched(), limits=limits,
+                              peer=str(ex.peer), target=target)
         log.info(
             "connect closed", extra={"peer": str(ex.peer), "target": target, "up": result.upstream_bytes,
                                      "down": result.downstream_bytes, "seconds": round(time.monotonic() - started, 3),

@@ -83,8 +83,8 @@ class Stream(Protocol):
         """Send ``data``, waiting while the peer is not reading (backpressure)."""
         ...
 
-    def write_eof(self) -> None:
-        """Half-close: no more data will be written."""
+    async def write_eof(self) -> None:
+        """Half-close: no more data will be written (a TLS stream sends ``close_notify``)."""
         ...
 
     async def close(self) -> None:
@@ -121,7 +121,7 @@ class TCPStream:
         except (ConnectionError, OSError) as exc:
             raise StreamError(str(exc)) from exc
 
-    def write_eof(self) -> None:
+    async def write_eof(self) -> None:
         if self._writer.can_write_eof() and not self._writer.is_closing():
             self._writer.write_eof()
 

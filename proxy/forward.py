@@ -41,7 +41,7 @@ from proxy.errors import (
 )
 from proxy.framing import ambiguity, close_delimited, is_upgrade, request_headers, response_headers
 from proxy.server import Exchange
-from proxy.splice import splice
+from proxy.splice import StreamLimits, splice
 from proxy.tls import TLSStream
 
 log = logging.getLogger("proxy.forward")
@@ -197,15 +197,17 @@ async def receive_head(upstream: _Upstream, body: asyncio.Task[None] | None, tim
 
 async def switch_protocols(ex: Exchange, request: h11.Request, upstream: _Upstream, event: Any,
                            body: asyncio.Task[None] | None) -> None:
-    """Step 4a: the upstream answered 101: pass it on and splice raw bytes until both sides end."""
+    """Step 4a: the upstream answered 101: pass it on and splice raw bytes until either side ends, which ends both
+    (as kube-apiserver's upgrade-aware proxy does), within the stream limits."""
     if not is_upgrade(request):
         raise UpstreamProtocolError(f"{upstream.up.what} switched protocols unasked")
     if body is not None:
         await body
     await ex.send(h11.InformationalResponse(status_code=101, headers=list(event.headers), reason=event.reason))
     leftover = upstream.conn.trailing_data[0]
-    await splice(ex.reader, ex.writer, upstream.stream, to_stream=ex.switched(), to_client=leftover,
-                 until_client_ends=True)
+    limits = StreamLimits(ex.limits.stream_idle_timeout, ex.limits.stream_max_lifetime)
+    await splice(ex.reader, ex.writer, upstream.stream, to_stream=ex.switched(), to_client=bytes(leftover),
+                 upgraded=True, limits=limits, peer=str(ex.peer), target=upstream.up.authority)
 
 
 async def relay_body(ex: Exchange, request: h11.Request, upstream: _Upstream, event: h11.Response,

@@ -51,6 +51,8 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    stream_idle_timeout: float = 14400.0
+    stream_max_lifetime: float = 0.0
 
 
 @dataclass(frozen=True)

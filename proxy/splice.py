@@ -2,20 +2,50 @@
 
 Each direction is its own loop that reads a bounded chunk and waits for the other side to accept it (``drain`` on
 the client, the SSH channel window on the stream), so a slow reader on either end stops the copy instead of making
-the gateway buffer: memory per spliced connection is bounded by the read size plus the transports' high-water marks.
-An end of data on one side is passed on as a half-close on the other; a broken side aborts the other, so a client
-never mistakes a dropped tunnel for a clean end of data.
+the gateway buffer.
+
+How a splice ends depends on what it carries:
+
+- A CONNECT tunnel (``upgraded=False``) is a TCP connection: an end of data on one side is passed on as a half-close
+  on the other, and the splice ends when both directions have ended.
+- An upgraded HTTP connection (``upgraded=True``: WebSocket, SPDY) ends as a whole, as kube-apiserver's upgrade-aware
+  proxy ends it: when either side ends or fails, the other is ended too (the upstream with TLS ``close_notify`` and
+  a channel close), so a client that vanishes never leaves an exec session running on the node.
+
+A broken stream never looks complete: when the stream side fails (the tunnel dropped, the channel failed or closed
+without the node's end of data) or the stream outlives ``limits.stream_idle_timeout`` / ``stream_max_lifetime``, a
+TCP client gets a reset (``SO_LINGER`` 0: ``transport.abort()`` alone sends a FIN under asyncio and uvloop alike), not
+an end of data. A unix-socket client has no reset: its connection is closed, and only its own framing tells it the
+stream was cut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
 
 from proxy.dialer import Stream, StreamError
 
-CHUNK = 256 * 1024
+log = logging.getLogger("proxy.splice")
+audit = logging.getLogger("proxy.audit")
+
+CHUNK = 64 * 1024
+"""One read from either side: what the gateway holds for a stream besides the SSH channel's window."""
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Bounds on one spliced stream, in seconds; 0 turns a bound off."""
+
+    idle_timeout: float = 14400.0
+    """No byte in either direction for this long: the stream is ended as broken."""
+    max_lifetime: float = 0.0
+    """The stream is ended as broken this long after it started, busy or not."""
 
 
 @dataclass
@@ -25,6 +55,20 @@ class SpliceResult:
     upstream_bytes: int = 0
     downstream_bytes: int = 0
     broken: str | None = None
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Drop the client connection so that a TCP client sees a reset (ECONNRESET), not an end of data.
+
+    ``transport.abort()`` alone closes the socket with a FIN; ``SO_LINGER`` with a zero timeout makes the close a RST.
+    A unix socket has no reset: it is simply closed.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def splice(
@@ -34,16 +78,18 @@ async def splice(
     *,
     to_stream: bytes = b"",
     to_client: bytes = b"",
-    until_client_ends: bool = False,
+    upgraded: bool = False,
+    limits: StreamLimits | None = None,
+    peer: str = "",
+    target: str = "",
 ) -> SpliceResult:
-    """Copy ``reader`` -> ``stream`` and ``stream`` -> ``writer`` until both directions end.
+    """Copy ``reader`` -> ``stream`` and ``stream`` -> ``writer`` until the splice ends (see the module docstring).
 
     ``to_stream`` / ``to_client`` are bytes already read past a protocol switch that must go first.
-    Closes ``stream``; aborts ``writer`` if the stream broke, otherwise leaves closing it to the caller.
-    With ``until_client_ends`` the splice ends as soon as the client's end of data has been passed on: for upgraded
-    sessions (SPDY, WebSocket) whose clients never half-close, over streams that cannot half-close (TLS), as the
-    apiserver's upgrade proxy ends with either side.
+    Always closes ``stream``; resets ``writer`` if the stream broke or expired, otherwise leaves closing it to the
+    caller. ``peer`` and ``target`` name the stream in the audit line of an expiry.
     """
+    limits = limits or StreamLimits()
     result = SpliceResult()
 
     async def up() -> None:
@@ -57,53 +103,86 @@ async def splice(
                 raise _ClientBroke(str(exc) or type(exc).__name__) from exc
             if not data:
                 break
+            result.last_activity = time.monotonic()
             await stream.write(data)
             result.upstream_bytes += len(data)
-        stream.write_eof()
+        if not upgraded:
+            await stream.write_eof()
 
     async def down() -> None:
         if to_client:
             writer.write(to_client)
             result.downstream_bytes += len(to_client)
         while data := await stream.read(CHUNK):
+            result.last_activity = time.monotonic()
             writer.write(data)
             result.downstream_bytes += len(data)
+            del data  # held by the transport until sent; not here as well while waiting
             try:
                 await writer.drain()
             except (ConnectionError, OSError) as exc:
                 raise _ClientBroke(str(exc) or type(exc).__name__) from exc
-        if writer.can_write_eof() and not writer.is_closing():
+        if not upgraded and writer.can_write_eof() and not writer.is_closing():
             with contextlib.suppress(OSError):
                 writer.write_eof()
 
+    started = time.monotonic()
     tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
     try:
         pending: set[asyncio.Task[None]] = set(tasks)
         while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            expired = _expired(limits, started, result.last_activity)
+            if expired is not None:
+                result.broken = expired
+                audit.warning("stream ended: %s", expired, extra={"peer": peer, "target": target,
+                                                                  "up": result.upstream_bytes,
+                                                                  "down": result.downstream_bytes})
+                reset(writer)
+                break
+            done, pending = await asyncio.wait(pending, timeout=_next_check(limits, started, result.last_activity),
+                                               return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
-                if exc is None:
-                    if until_client_ends and task is tasks[0]:
-                        pending = set()  # the finally below cancels the other direction
-                    continue
-                result.broken = str(exc) or type(exc).__name__
-                if isinstance(exc, StreamError):
-                    writer.transport.abort()  # the tunnel side broke: the client must see a reset, not an end
-                for other in pending:
-                    other.cancel()
-                for other in pending:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await other
-                pending = set()
-                if not isinstance(exc, StreamError | _ClientBroke):
-                    raise exc
+                if exc is None and not upgraded:
+                    continue  # one direction ended cleanly: the other goes on (half-close)
+                if exc is not None:
+                    result.broken = str(exc) or type(exc).__name__
+                    if isinstance(exc, StreamError):
+                        reset(writer)  # the tunnel side broke: the client must see a reset, not an end
+                    elif not isinstance(exc, _ClientBroke):
+                        raise exc
+                pending = set()  # an upgraded connection ends as a whole; a broken side ends the splice
+                break
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await stream.close()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(StreamError):
+            await stream.close()
     return result
+
+
+def _expired(limits: StreamLimits, started: float, last_activity: float) -> str | None:
+    now = time.monotonic()
+    if limits.max_lifetime > 0 and now - started >= limits.max_lifetime:
+        return f"open for {limits.max_lifetime:g}s (limits.stream_max_lifetime)"
+    if limits.idle_timeout > 0 and now - last_activity >= limits.idle_timeout:
+        return f"idle for {limits.idle_timeout:g}s (limits.stream_idle_timeout)"
+    return None
+
+
+def _next_check(limits: StreamLimits, started: float, last_activity: float) -> float | None:
+    """Seconds until a bound could next expire (None: no bound)."""
+    deadlines = []
+    if limits.max_lifetime > 0:
+        deadlines.append(started + limits.max_lifetime)
+    if limits.idle_timeout > 0:
+        deadlines.append(last_activity + limits.idle_timeout)
+    if not deadlines:
+        return None
+    return max(0.0, min(deadlines) - time.monotonic()) + 0.01
 
 
 class _ClientBroke(Exception):

@@ -53,6 +53,7 @@ class TLSStream:
         self._in = incoming
         self._out = outgoing
         self._eof = False
+        self._shut = False  # close_notify sent
         self._reading = asyncio.Lock()  # one reader of the inner stream at a time (read() and a rare write())
 
     @classmethod
@@ -142,19 +143,27 @@ class TLSStream:
             view = view[n:]
             await self._flush()
 
-    def write_eof(self) -> None:
-        """TLS has no half-close; the write side ends when the stream is closed."""
-
-    async def close(self) -> None:
+    async def write_eof(self) -> None:
+        """Send ``close_notify``: the end of our data (TLS 1.3 keeps the other direction open; RFC 8446 6.1)."""
+        if self._shut:
+            return
+        self._shut = True
         try:
             self._obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # close_notify is written; the peer's own is not awaited
         except ssl.SSLError:
-            pass
+            return
+        await self._flush()
+
+    async def close(self) -> None:
+        """``close_notify`` (when not sent yet), then close the inner stream."""
         try:
-            await self._flush()
+            await self.write_eof()
         except StreamError:
             pass
-        await self._inner.close()
+        finally:
+            await self._inner.close()
 
 
 def _is_ip(host: str) -> bool:

@@ -136,7 +136,8 @@ class Gateway:
             pods_refresh=config.proxy.pods_refresh, node_states=self.node_states, gateway_version=__version__,
         )
         lim = config.limits
-        limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout)
+        limits = Limits(lim.max_connections, lim.max_header_bytes, lim.header_timeout, lim.idle_timeout,
+                        lim.stream_idle_timeout, lim.stream_max_lifetime)
         self.egress = Server("egress", self.connect_front, limits)
         self.grpc_front = KonnectivityFront(self.dialer, GRPCLimits(
             lim.max_connections, config.egress.grpc_max_pending_dials, lim.header_timeout))

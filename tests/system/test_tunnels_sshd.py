@@ -60,7 +60,7 @@ async def _pump_round_trip(stream: Stream, payload_size: int) -> tuple[str, str,
             await stream.write(chunk)
             remaining -= len(chunk)
             block += 1
-        stream.write_eof()
+        await stream.write_eof()
 
     async def reader() -> None:
         nonlocal received

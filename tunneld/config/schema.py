@@ -162,6 +162,10 @@ class LimitSettings:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_channels_per_tunnel: int = 1000
+    stream_idle_timeout: float = 14400.0
+    """Seconds an upgraded stream or CONNECT tunnel may carry no byte before it is ended as broken."""
+    stream_max_lifetime: float = 0.0
+    """Seconds an upgraded stream or CONNECT tunnel may last at all; 0 is no limit."""
 
 
 APPROVAL_POLICIES = ("queue", "always-reject", "insecure-always-approve", "auto-approve-group")

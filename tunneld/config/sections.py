@@ -136,7 +136,11 @@ def limits_section(li: Section) -> LimitSettings:
         header_timeout=li.number("header_timeout", 10.0),
         idle_timeout=li.number("idle_timeout", 60.0),
         max_channels_per_tunnel=li.integer("max_channels_per_tunnel", 1000, minimum=1, maximum=1_000_000),
+        stream_idle_timeout=li.number("stream_idle_timeout", 14400.0),
+        stream_max_lifetime=li.number("stream_max_lifetime", 0.0, above=None),
     )
+    if limits.stream_max_lifetime < 0:
+        li.problem("stream_max_lifetime", "must be 0 (no limit) or a number of seconds")
     li.unknown()
     return limits
 

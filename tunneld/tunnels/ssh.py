@@ -294,6 +294,10 @@ class SSHLink:
         return ChannelStream(session, self.counters, f"{host}:{port}")
 
 
+class _ClosedWithoutEOF(Exception):
+    """The channel was closed before the node sent its end of data."""
+
+
 class _Session(asyncssh.SSHTCPSession[bytes]):
     """One channel's receiving end and flow control, for :class:`ChannelStream`.
 
@@ -308,6 +312,7 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
         self.buffer: deque[bytes] = deque()
         self.buffered = 0
         self.eof = False
+        self.node_eof = False  # the node sent CHANNEL_EOF: its side ended cleanly
         self.error: Exception | None = None
         self.reading_paused = False
         self.writing_paused = False
@@ -326,11 +331,14 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
         self._wake_reader()
 
     def eof_received(self) -> bool:
-        self.eof = True
+        self.eof = self.node_eof = True
         self._wake_reader()
         return True  # keep our direction open: the client may still be sending (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and not self.node_eof:
+            # A close without the node's EOF is a cut, not an end (the gateway closing the tunnel, for instance).
+            exc = _ClosedWithoutEOF("channel closed without end of data")
         if exc is not None and self.error is None:
             self.error = exc
         self.eof = True
@@ -422,7 +430,7 @@ class ChannelStream:
             raise self._broke(session.error)
         self._counters.bytes_out += len(data)
 
-    def write_eof(self) -> None:
+    async def write_eof(self) -> None:
         try:
             if self._chan.can_write_eof():
                 self._chan.write_eof()
