@@ -132,8 +132,14 @@ class KubeletSim:
     _runners: list[web.AppRunner] = field(default_factory=list)
     _front: asyncio.Server | None = None
     _upgraded: set[asyncio.Task[None]] = field(default_factory=set)
+    _sessions: int = 0
     _apps: list[PodApps] = field(default_factory=list)
     _targets: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def open_streams(self) -> int:
+        """Exec, attach and port-forward sessions running now (WebSocket and SPDY), as a kubelet would count them."""
+        return self._sessions + len(self._upgraded)
 
     # --- lookups ---------------------------------------------------------------------------------------------
 
@@ -266,7 +272,11 @@ class KubeletSim:
                 raise web.HTTPBadRequest(text="you must specify a command\n")
             stdin = request.query.get("input") in ("1", "true")
         conn = await self._websocket(request, EXEC_PROTOCOLS)
-        await exec_session(conn, argv, stdin, pod.fs)
+        self._sessions += 1
+        try:
+            await exec_session(conn, argv, stdin, pod.fs)
+        finally:
+            self._sessions -= 1
         return conn.ws
 
     async def _portforward(self, request: web.Request) -> web.StreamResponse:
@@ -276,7 +286,11 @@ class KubeletSim:
             raise web.HTTPNotFound(text=f"pod {ns}/{name} not found\n")
         ports = _parse_ports(parse_qs(request.query_string).get("port", []))
         conn = await self._websocket(request, PORTFORWARD_PROTOCOLS)
-        await portforward_session(conn, ports, self._connector(pod), f"{ns}/{name}")
+        self._sessions += 1
+        try:
+            await portforward_session(conn, ports, self._connector(pod), f"{ns}/{name}")
+        finally:
+            self._sessions -= 1
         return conn.ws
 
     # --- lifecycle -------------------------------------------------------------------------------------------
