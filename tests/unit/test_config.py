@@ -145,3 +145,10 @@ def test_overlapping_pod_cidrs_found_in_one_sorted_pass() -> None:
                      "node 'c': pod_cidr 10.0.9.0/24 overlaps node 'a''s 10.0.0.0/16",
                      "node 'e': pod_cidr 10.1.0.0/24 is the same as node 'd''s 10.1.0.0/24",
                      "node 'g': pod_cidr fd00:0:0:1::/64 overlaps node 'f''s fd00::/48"]
+
+
+def test_stream_limits(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert (cfg.limits.stream_idle_timeout, cfg.limits.stream_max_lifetime) == (14400.0, 0.0)  # 4 hours; no limit
+    cfg = load_config(write(tmp_path, GOOD + "\n[limits]\nstream_idle_timeout = 1\nstream_max_lifetime = 2.5\n"))
+    assert (cfg.limits.stream_idle_timeout, cfg.limits.stream_max_lifetime) == (1.0, 2.5)
