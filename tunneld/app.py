@@ -11,6 +11,7 @@ import grp
 import logging
 import os
 import ssl
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -44,6 +45,9 @@ from tunneld.tunnels.k8s_watch import KubeInventory
 from tunneld.tunnels.pool import Pool
 
 log = logging.getLogger("tunneld")
+
+LIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
+"""Every gateway built in this process while it exists (tests check each one gives back what it took)."""
 
 
 def build_policy(config: Config) -> Policy:
@@ -105,6 +109,7 @@ class Gateway:
     """The running daemon."""
 
     def __init__(self, config: Config) -> None:
+        LIVE.add(self)
         self.config = config
         self.certs = CertsDaemon(config) if config.api is not None else None
         """The certificates API, store and signer; only with ``[api]``."""

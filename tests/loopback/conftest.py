@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.leakcheck import gateways_give_back, released  # noqa: F401  (autouse: every test gives back)
 from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.config import Config, StatusSettings, load_config

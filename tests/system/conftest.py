@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshbed, waiting
+from tests.leakcheck import gateways_give_back, released  # noqa: F401  (autouse: every test gives back)
 from tunneld.config import Config, load_config
 
 

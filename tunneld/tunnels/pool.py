@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -287,6 +288,8 @@ class Pool:
         self._nodes: dict[str, Node] = {}
         self._index = OwnerIndex(())
         self._draining: set[asyncio.Task[None]] = set()
+        self.counters: weakref.WeakValueDictionary[int, ssh.Counters] = weakref.WeakValueDictionary()
+        """Every tunnel's counters for as long as anything holds them: its tunnel, or a channel still open."""
 
     @property
     def nodes(self) -> dict[str, Node]:
@@ -373,6 +376,11 @@ class Pool:
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [t.snapshot() for t in sorted(self.tunnels.values(), key=lambda t: t.node.name)]
+
+    @property
+    def open_channels(self) -> int:
+        """Channels open now, through current tunnels and through tunnels already removed or stopped."""
+        return sum(c.open_channels for c in list(self.counters.values()))
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop every tunnel (draining open channels for up to ``drain_timeout``)."""
