@@ -7,7 +7,8 @@ the gateway buffer.
 How a splice ends depends on what it carries:
 
 - A CONNECT tunnel (``upgraded=False``) is a TCP connection: an end of data on one side is passed on as a half-close
-  on the other, and the splice ends when both directions have ended.
+  on the other, and the splice ends when both directions have ended. A TLS client connection cannot be half-closed
+  (asyncio's TLS transport has no ``write_eof``): there the stream's end of data ends the connection as a whole.
 - An upgraded HTTP connection (``upgraded=True``: WebSocket, SPDY) ends as a whole, as kube-apiserver's upgrade-aware
   proxy ends it: when either side ends or fails, the other is ended too (the upstream with TLS ``close_notify`` and
   a channel close), so a client that vanishes never leaves an exec session running on the node.
@@ -91,6 +92,7 @@ async def splice(
     """
     limits = limits or StreamLimits()
     result = SpliceResult()
+    half_closed: set[str] = set()
 
     async def up() -> None:
         if to_stream:
@@ -110,6 +112,11 @@ async def splice(
             await stream.write_eof()
 
     async def down() -> None:
+        if writer.get_extra_info("sslcontext") is None:
+            # drain() returns only once the transport has handed everything to the kernel: what the gateway holds for
+            # a client that does not read is one read, besides what the stream holds (an SSH channel: its window).
+            # (Not under TLS: asyncio's TLS transport would never resume writing at a zero low-water mark.)
+            writer.transport.set_write_buffer_limits(high=0)
         if to_client:
             writer.write(to_client)
             result.downstream_bytes += len(to_client)
@@ -125,6 +132,7 @@ async def splice(
         if not upgraded and writer.can_write_eof() and not writer.is_closing():
             with contextlib.suppress(OSError):
                 writer.write_eof()
+                half_closed.add("client")
 
     started = time.monotonic()
     tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
@@ -143,7 +151,7 @@ async def splice(
                                                return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
-                if exc is None and not upgraded:
+                if exc is None and not upgraded and (task is tasks[0] or "client" in half_closed):
                     continue  # one direction ended cleanly: the other goes on (half-close)
                 if exc is not None:
                     result.broken = str(exc) or type(exc).__name__

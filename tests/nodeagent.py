@@ -8,7 +8,8 @@
 #     healthz endpoint on port 10248;
 #   * on the same HTTP server, for fault tests: ``GET /stream?chunks=N&size=S&delay=SECONDS&seed=K`` (a chunked
 #     response of N chunks of S bytes, given by :func:`pattern`, paced by ``delay``; the final chunk comes only
-#     after the last one) and ``POST /sink`` (reads the whole body and answers ``<bytes> <sha256>``);
+#     after the last one; ``&reset=K`` sends a TCP reset instead of chunk K) and ``POST /sink`` (reads the whole
+#     body and answers ``<bytes> <sha256>``);
 #   * optionally (``--app-host``/``--app-port``) the same HTTP server on the node's own address, where the
 #     gateway's proxy URLs (``/api/v1/nodes/{name}:{port}/proxy/...``) reach it;
 #   * a TCP echo server that echoes every byte back and honours half-close (after the client's EOF it finishes
@@ -27,6 +28,8 @@ import errno
 import hashlib
 import random
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
@@ -184,11 +187,17 @@ async def _stream(writer: asyncio.StreamWriter, params: dict[str, list[str]]) ->
     """A chunked response paced by ``delay``; the terminating chunk only after every chunk was written."""
     chunks, size, seed = _int(params, "chunks", 10), _int(params, "size", 1024), _int(params, "seed", 0)
     delay = float(params.get("delay", ["0"])[0])
+    reset_at = _int(params, "reset", -1)  # send a TCP reset instead of chunk number ``reset``
     if not (0 <= chunks and 0 < size and chunks * size <= MAX_STREAM_BYTES and 0 <= delay <= 60):
         raise ValueError("bad /stream parameters")
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
     for i in range(chunks):
+        if i == reset_at:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
         data = pattern(seed, size, i)
         writer.write(b"%x\r\n%b\r\n" % (len(data), data))
         await writer.drain()

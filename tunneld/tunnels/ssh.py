@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -302,9 +303,14 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
     """One channel's receiving end and flow control, for :class:`ChannelStream`.
 
     asyncssh's own streams (``open_connection``) add a general-purpose layer (read locks, separators, datatypes) that
-    a byte pipe does not need and that costs CPU on every packet; this session keeps what a splice needs. Incoming
-    data is buffered up to the channel window, then the channel stops reading, so the node's sshd stops sending once
-    its window is spent: a slow client never makes the gateway buffer more than that.
+    a byte pipe does not need and that costs CPU on every packet; this session keeps what a splice needs.
+
+    Flow control: asyncssh gives the node its window back as soon as data reaches the session, so a stalled reader
+    would let it hold up to twice the window. Instead the window is given back by hand, for the bytes the consumer has
+    taken *and* finished with (a read's bytes are released by the next read: the splice only reads again once the
+    client took the last chunk), so what the node sent and nobody has passed on never exceeds ``CHANNEL_WINDOW``; a
+    node sending past its window is a protocol error asyncssh enforces. With an asyncssh that lacks the attributes
+    this needs, it falls back to pausing the channel at a full window (bounded by twice the window).
     """
 
     def __init__(self) -> None:
@@ -316,16 +322,35 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
         self.error: Exception | None = None
         self.reading_paused = False
         self.writing_paused = False
+        self.manual_window = False  # we give the node its window back (see above)
+        self.lent = 0  # bytes of the last read, released at the next one
+        self.credit = 0  # bytes released whose window the node has not been given back yet
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]  # a TCP session's channel is this subclass
         self.chan = chan
+        self.manual_window = hasattr(chan, "_init_recv_window") and hasattr(chan, "_recv_window")
+        if self.manual_window:
+            chan._init_recv_window = 0  # asyncssh's own window adjusts off (it adjusts below half of this)
+
+    def release(self) -> None:
+        """The consumer is done with the last read: give its window back (in batches of a quarter window)."""
+        self.credit += self.lent
+        self.lent = 0
+        chan = self.chan
+        if not self.manual_window or chan is None or self.credit < CHANNEL_WINDOW // 4 or self.eof:
+            return
+        credit, self.credit = self.credit, 0
+        chan._recv_window += credit  # type: ignore[attr-defined]
+        with contextlib.suppress(asyncssh.Error, OSError):
+            chan.send_packet(asyncssh.constants.MSG_CHANNEL_WINDOW_ADJUST, credit.to_bytes(4, "big"))
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.buffer.append(data)
         self.buffered += len(data)
-        if self.buffered >= CHANNEL_WINDOW and not self.reading_paused and self.chan is not None:
+        if (not self.manual_window and self.buffered >= CHANNEL_WINDOW and not self.reading_paused
+                and self.chan is not None):
             self.reading_paused = True
             self.chan.pause_reading()
         self._wake_reader()
@@ -382,6 +407,7 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
                 parts.append(self.buffer.popleft())
             data = b"".join(parts)
         self.buffered -= len(data)
+        self.lent = len(data)
         if self.reading_paused and self.buffered < CHANNEL_WINDOW // 2 and self.chan is not None:
             self.reading_paused = False
             self.chan.resume_reading()  # may deliver more data right away
@@ -406,6 +432,7 @@ class ChannelStream:
 
     async def read(self, n: int = READ_SIZE) -> bytes:
         session = self._session
+        session.release()
         while not session.buffer:
             if session.error is not None:
                 raise self._broke(session.error)  # never a clean end: the tunnel or the channel failed
