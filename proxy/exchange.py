@@ -11,9 +11,6 @@ second status line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import struct
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -23,6 +20,7 @@ import h11
 from proxy.errors import BadRequest, ClientGone, HeadersTooLarge, RequestTimeout, looks_like_tls, plain_words
 from proxy.failures import status_body
 from proxy.framing import ambiguity
+from proxy.splice import reset
 
 if TYPE_CHECKING:
     from proxy.server import Limits, Peer
@@ -217,11 +215,7 @@ class Exchange:
         Over TCP this is a reset (``SO_LINGER`` 0: ``transport.abort()`` alone sends a FIN under asyncio and uvloop);
         a unix socket has no reset, so a client there sees an end of data and must rely on the body's framing.
         """
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
+        reset(self.writer)
 
 
 def reason_phrase(status: int) -> bytes:

@@ -31,6 +31,7 @@ from proxy.accept import accept_forever, tcp_listener, unix_listener
 from proxy.errors import ClientGone, Overcrowded
 from proxy.exchange import Exchange, reason_phrase
 from proxy.failures import answer
+from proxy.splice import reset
 from proxy.unixsock import OwnedSocket, prepare_socket_path
 
 __all__ = ["ClientGone", "Exchange", "Handler", "Limits", "Peer", "Server", "reason_phrase"]
@@ -210,7 +211,7 @@ class Server:
             log.warning("%s: %d connections still open after the %g s grace period: cutting them", self.name,
                         len(self._writers), grace, extra={"connections": len(self._writers)})
         for writer in list(self._writers):
-            writer.transport.abort()
+            reset(writer)  # a stream cut at the end of the grace period is cut, not ended
         for task in [*self._tasks, *self._handshakes]:
             task.cancel()
         if self._tasks:

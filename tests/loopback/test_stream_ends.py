@@ -270,3 +270,17 @@ async def test_idle_connect_tunnel_is_ended_as_broken(cluster: DevCluster, short
         await all_released(gw)
     finally:
         await gw.stop()
+
+
+@pytest.mark.both_loops
+async def test_connect_tunnel_cut_at_the_end_of_the_grace_period_is_a_reset(cluster: DevCluster, sources: None,
+                                                                            short_dir: Path) -> None:
+    sock = short_dir / "egress.sock"
+    gw = await started(egress_config(cluster, sock))
+    node = cluster.sim_nodes[2]
+    try:
+        reader, writer = await connect_via(gw, "tcp", sock, f"{node.address}:{SOURCE_PORT}")
+    finally:
+        await gw.stop(grace=0.2)
+    assert await outcome(reader) == "reset"
+    writer.close()
