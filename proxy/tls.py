@@ -19,6 +19,8 @@ from netnames import host_key, normalize_host
 from proxy.dialer import DialError, Stream, StreamError
 
 READ = 256 * 1024
+CLOSE_WAIT = 1.0
+"""Seconds :meth:`TLSStream.close` waits for a peer that does not read to take its close_notify."""
 
 
 class TLSVerifyError(DialError):
@@ -157,10 +159,15 @@ class TLSStream:
         await self._flush()
 
     async def close(self) -> None:
-        """``close_notify`` (when not sent yet), then close the inner stream."""
+        """``close_notify`` (when not sent yet), then close the inner stream.
+
+        The close_notify is queued on the inner stream at once; waiting for a peer that does not read to take it is
+        bounded by :data:`CLOSE_WAIT` (closing the inner stream still sends what was queued).
+        """
         try:
-            await self.write_eof()
-        except StreamError:
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self.write_eof()
+        except (StreamError, TimeoutError):
             pass
         finally:
             await self._inner.close()
