@@ -314,6 +314,7 @@ class Pool:
             tunnel = Tunnel(node, self.settings, connector=self.connector, slots=self.connect_slots, clock=self.clock,
                             rng=self.rng, notify=self._notify)
             self.tunnels[node.name] = tunnel
+            self.counters[id(tunnel.counters)] = tunnel.counters
             tunnel.start()
         if not change.empty:
             log.info(
