@@ -148,6 +148,19 @@ async def test_upgraded_stream_ends_when_the_kubelet_ends_it(gw: Gateway, cluste
     await all_released(gw, cluster)
 
 
+async def test_upgraded_stream_whose_tunnel_drops_is_reset(cluster: DevCluster) -> None:
+    gateway = await started(fast_config(cluster))  # no short stream limit here: only the tunnel's loss can end it
+    await gateway.api_front.pods.refresh()
+    try:
+        reader, writer = await spdy_exec(gateway)
+        await cluster.sim_nodes[0].stop()  # web-1's node: its SSH connection is dropped mid-stream
+        assert await outcome(reader) == "reset"
+        writer.close()
+        await all_released(gateway)
+    finally:
+        await gateway.stop()
+
+
 @pytest.mark.both_loops
 async def test_idle_upgraded_stream_is_reset_and_audited(gw: Gateway, cluster: DevCluster,
                                                          caplog: pytest.LogCaptureFixture) -> None:
