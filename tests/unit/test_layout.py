@@ -25,9 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": {"netnames", "certs"},
     "tunneld": {"netnames", "certs", "proxy"},
 }
-ASYNCSSH_HOMES = {"tunneld/tunnels/ssh.py", "tunneld/tunnels/leanpath.py", "tunneld/dev/sshnode.py",
-                  "tunneld/tunnels/dialin_ssh.py",
-                  "certs/sshca.py"}
+ASYNCSSH_HOMES = {"tunneld/tunnels/ssh.py", "tunneld/tunnels/sshchannel.py", "tunneld/tunnels/leanpath.py",
+                  "tunneld/dev/sshnode.py", "tunneld/tunnels/dialin_ssh.py", "certs/sshca.py"}
 MAX_LINES = 450
 
 

@@ -1,4 +1,5 @@
-"""The SSH boundary: the only module of the daemon that imports asyncssh.
+"""The SSH boundary (with :mod:`tunneld.tunnels.sshchannel`, its channels): the only modules of the daemon that
+import asyncssh.
 
 :func:`connect` opens one client connection to a node's sshd with strict host-key checking and returns an
 :class:`SSHLink`; :meth:`SSHLink.open_stream` opens a ``direct-tcpip`` channel through it. asyncssh's exceptions are
@@ -10,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +26,13 @@ from tunneld.errors import (
     ConnectTimeout,
     DialTimeout,
     HostKeyRejected,
-    StreamError,
     TunnelDown,
 )
+from tunneld.tunnels.sshchannel import CHANNEL_WINDOW, READ_SIZE, ChannelStream, Counters, Session
+from tunneld.tunnels.sshchannel import describe as _describe
 
 log = logging.getLogger("tunneld.ssh")
 
-# Larger than asyncssh's default so one channel can fill a fast link; still a hard bound on what one slow reader
-# can make the node's sshd buffer for us.
-CHANNEL_WINDOW = 4 * 1024 * 1024
-READ_SIZE = 256 * 1024
 # Cipher preference: asyncssh's own list starts with chacha20-poly1305, which it computes in several calls per packet;
 # AES-GCM is one call into OpenSSL (AES-NI) per packet. Same set of ciphers, AES-GCM first (measured: bench/).
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
@@ -58,16 +53,6 @@ _OPEN_FAILURES = {
 }
 
 
-@dataclass
-class Counters:
-    """Traffic through one tunnel (all its channels)."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    open_channels: int = 0
-    channels_total: int = 0
-
-
 class _Client(asyncssh.SSHClient):
     def __init__(self, dialled: str | None = None) -> None:
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -80,14 +65,6 @@ class _Client(asyncssh.SSHClient):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(_describe(exc) if exc else "connection closed")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncssh.DisconnectError):
-        return f"disconnected: {exc.reason or type(exc).__name__}"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
-    return str(exc) or type(exc).__name__
 
 
 def _known_hosts(node: Node, ssh: SSHSettings) -> Any:
@@ -282,7 +259,7 @@ class SSHLink:
             raise TunnelDown(f"tunnel to node {self.node} is closed")
         try:
             async with asyncio.timeout(timeout):
-                _, session = await self._conn.create_connection(_Session, host, port, window=CHANNEL_WINDOW)
+                _, session = await self._conn.create_connection(Session, host, port, window=CHANNEL_WINDOW)
         except TimeoutError as exc:
             raise DialTimeout(f"opening a channel to {host}:{port} via node {self.node} timed out") from exc
         except asyncssh.ChannelOpenError as exc:
@@ -291,187 +268,8 @@ class SSHLink:
             raise ChannelRefused(f"node {self.node} refused a channel to {host}:{port}: {why}{detail}") from exc
         except (asyncssh.Error, OSError) as exc:
             raise TunnelDown(f"tunnel to node {self.node} failed: {_describe(exc)}") from exc
-        assert isinstance(session, _Session)
+        assert isinstance(session, Session)
         return ChannelStream(session, self.counters, f"{host}:{port}")
 
 
-class _ClosedWithoutEOF(Exception):
-    """The channel was closed before the node sent its end of data."""
-
-
-class _Session(asyncssh.SSHTCPSession[bytes]):
-    """One channel's receiving end and flow control, for :class:`ChannelStream`.
-
-    asyncssh's own streams (``open_connection``) add a general-purpose layer (read locks, separators, datatypes) that
-    a byte pipe does not need and that costs CPU on every packet; this session keeps what a splice needs.
-
-    Flow control: asyncssh gives the node its window back as soon as data reaches the session, so a stalled reader
-    would let it hold up to twice the window. Instead the window is given back by hand, for the bytes the consumer has
-    taken *and* finished with (a read's bytes are released by the next read: the splice only reads again once the
-    client took the last chunk), so what the node sent and nobody has passed on never exceeds ``CHANNEL_WINDOW``; a
-    node sending past its window is a protocol error asyncssh enforces. With an asyncssh that lacks the attributes
-    this needs, it falls back to pausing the channel at a full window (bounded by twice the window).
-    """
-
-    def __init__(self) -> None:
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self.buffer: deque[bytes] = deque()
-        self.buffered = 0
-        self.eof = False
-        self.node_eof = False  # the node sent CHANNEL_EOF: its side ended cleanly
-        self.error: Exception | None = None
-        self.reading_paused = False
-        self.writing_paused = False
-        self.manual_window = False  # we give the node its window back (see above)
-        self.lent = 0  # bytes of the last read, released at the next one
-        self.credit = 0  # bytes released whose window the node has not been given back yet
-        self._readable: asyncio.Future[None] | None = None
-        self._writable: asyncio.Future[None] | None = None
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]  # a TCP session's channel is this subclass
-        self.chan = chan
-        self.manual_window = hasattr(chan, "_init_recv_window") and hasattr(chan, "_recv_window")
-        if self.manual_window:
-            chan._init_recv_window = 0  # asyncssh's own window adjusts off (it adjusts below half of this)
-
-    def release(self) -> None:
-        """The consumer is done with the last read: give its window back (in batches of a quarter window)."""
-        self.credit += self.lent
-        self.lent = 0
-        chan = self.chan
-        if not self.manual_window or chan is None or self.credit < CHANNEL_WINDOW // 4 or self.eof:
-            return
-        credit, self.credit = self.credit, 0
-        chan._recv_window += credit  # type: ignore[attr-defined]
-        with contextlib.suppress(asyncssh.Error, OSError):
-            chan.send_packet(asyncssh.constants.MSG_CHANNEL_WINDOW_ADJUST, credit.to_bytes(4, "big"))
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.buffer.append(data)
-        self.buffered += len(data)
-        if (not self.manual_window and self.buffered >= CHANNEL_WINDOW and not self.reading_paused
-                and self.chan is not None):
-            self.reading_paused = True
-            self.chan.pause_reading()
-        self._wake_reader()
-
-    def eof_received(self) -> bool:
-        self.eof = self.node_eof = True
-        self._wake_reader()
-        return True  # keep our direction open: the client may still be sending (half-close)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None and not self.node_eof:
-            # A close without the node's EOF is a cut, not an end (the gateway closing the tunnel, for instance).
-            exc = _ClosedWithoutEOF("channel closed without end of data")
-        if exc is not None and self.error is None:
-            self.error = exc
-        self.eof = True
-        self.writing_paused = False  # nothing will resume it: a writer must not wait any longer
-        self._wake_reader()
-        self._wake_writer()
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake_writer()
-
-    def _wake_reader(self) -> None:
-        if self._readable is not None and not self._readable.done():
-            self._readable.set_result(None)
-
-    def _wake_writer(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
-
-    async def wait_readable(self) -> None:
-        self._readable = asyncio.get_running_loop().create_future()
-        await self._readable
-
-    async def wait_writable(self) -> None:
-        self._writable = asyncio.get_running_loop().create_future()
-        await self._writable
-
-    def take(self, n: int) -> bytes:
-        """Up to ``n`` buffered bytes (the caller checked there are some)."""
-        data = self.buffer.popleft()
-        if len(data) > n:
-            self.buffer.appendleft(data[n:])
-            data = data[:n]
-        elif self.buffer and len(data) + len(self.buffer[0]) <= n:
-            parts, size = [data], len(data)
-            while self.buffer and size + len(self.buffer[0]) <= n:
-                size += len(self.buffer[0])
-                parts.append(self.buffer.popleft())
-            data = b"".join(parts)
-        self.buffered -= len(data)
-        self.lent = len(data)
-        if self.reading_paused and self.buffered < CHANNEL_WINDOW // 2 and self.chan is not None:
-            self.reading_paused = False
-            self.chan.resume_reading()  # may deliver more data right away
-        return data
-
-
-class ChannelStream:
-    """A forwarded channel as a :class:`proxy.dialer.Stream`, counting its bytes on the tunnel."""
-
-    def __init__(self, session: _Session, counters: Counters, target: str) -> None:
-        assert session.chan is not None
-        self._session = session
-        self._chan = session.chan
-        self._counters = counters
-        self._closed = False
-        self.target = target
-        counters.open_channels += 1
-        counters.channels_total += 1
-
-    def _broke(self, exc: BaseException) -> StreamError:
-        return StreamError(f"channel to {self.target} broke: {_describe(exc)}")
-
-    async def read(self, n: int = READ_SIZE) -> bytes:
-        session = self._session
-        session.release()
-        while not session.buffer:
-            if session.error is not None:
-                raise self._broke(session.error)  # never a clean end: the tunnel or the channel failed
-            if session.eof:
-                return b""
-            await session.wait_readable()
-        data = session.take(n)
-        self._counters.bytes_in += len(data)
-        return data
-
-    async def write(self, data: bytes) -> None:
-        session = self._session
-        if session.error is not None:
-            raise self._broke(session.error)
-        try:
-            self._chan.write(data)
-        except (asyncssh.Error, OSError) as exc:  # BrokenPipeError: the channel is closing
-            raise self._broke(exc) from exc
-        while session.writing_paused and session.error is None:
-            await session.wait_writable()  # the node's window is spent, or our send buffer is full
-        if session.error is not None:
-            raise self._broke(session.error)
-        self._counters.bytes_out += len(data)
-
-    async def write_eof(self) -> None:
-        try:
-            if self._chan.can_write_eof():
-                self._chan.write_eof()
-        except (asyncssh.Error, OSError):
-            pass
-
-    async def close(self) -> None:
-        """Close the channel: unsent data still goes out first, then ``CHANNEL_CLOSE``.
-
-        The node's answering close is not awaited: asyncssh releases the channel when it arrives, and waiting for a
-        round trip to the node here would delay the next request on the client's kept-alive connection.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._counters.open_channels -= 1
-        self._chan.close()
+__all__ = ["CHANNEL_WINDOW", "READ_SIZE", "ChannelStream", "Counters", "SSHLink", "connect", "ssh_file_problem"]
