@@ -68,9 +68,9 @@ CASES = [
                                                                         "file not found"),
     ("bad-log-format", BASE + '\n[log]\nformat = "xml"\n', "log.format: must be logfmt or json"),
     ("stream-idle-timeout", BASE + "\n[limits]\nstream_idle_timeout = 0\n",
-     "limits.stream_idle_timeout: must be greater than 0"),
+     "limits.stream_idle_timeout: 0 is not greater than 0"),
     ("stream-max-lifetime", BASE + "\n[limits]\nstream_max_lifetime = -1\n",
-     "limits.stream_max_lifetime: must be 0 (no limit) or a number of seconds"),
+     "limits.stream_max_lifetime: -1 is less than 0 (0: no limit)"),
 ]
 
 

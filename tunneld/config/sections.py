@@ -140,7 +140,7 @@ def limits_section(li: Section) -> LimitSettings:
         stream_max_lifetime=li.number("stream_max_lifetime", 0.0, above=None),
     )
     if limits.stream_max_lifetime < 0:
-        li.problem("stream_max_lifetime", "must be 0 (no limit) or a number of seconds")
+        li.problem("stream_max_lifetime", f"{limits.stream_max_lifetime:g} is less than 0 (0: no limit)")
     li.unknown()
     return limits
 
