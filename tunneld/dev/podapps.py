@@ -201,7 +201,10 @@ class PodApps:
         web_ports = [p for p in (HTTP_PORT, HTTPS_PORT) if p in self.ports and (p == HTTP_PORT or self.tls)]
         try:
             if web_ports:
-                self._runner = web.AppRunner(make_app(self.pod), access_log=None, shutdown_timeout=1.0)
+                # A handler whose client went away is cancelled, as a real server stops at its next write: a paced
+                # /stream must not outlive the gateway's channel by its whole interval.
+                self._runner = web.AppRunner(make_app(self.pod), access_log=None, shutdown_timeout=1.0,
+                                             handler_cancellation=True)
                 await self._runner.setup()
                 for port in web_ports:
                     tls = self.tls if port == HTTPS_PORT else None
