@@ -258,8 +258,10 @@ class _Exchange:
         finally:
             for task in (up, down):
                 task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-            await stream.close()
+            try:
+                await asyncio.gather(up, down, return_exceptions=True)
+            finally:  # also when this handler is cancelled while it waits (the front stopping): the channel is freed
+                await stream.close()
             log.info("grpc stream closed: %s", broken or "clean",
                      extra={"peer": self.peer, "target": target, "connect_id": connect_id, "up": moved["up"],
                             "down": moved["down"], "seconds": round(time.monotonic() - started, 3)})

@@ -164,11 +164,11 @@ async def splice(
     finally:
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(StreamError):
-            await stream.close()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # also when the splice itself is cancelled while it waits: the stream is always closed
+            with contextlib.suppress(StreamError):
+                await stream.close()
     return result
 
 
