@@ -108,9 +108,16 @@ async def spdy_exec(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101 "), head
-    writer.write(b"ping")
-    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    await ping(reader, writer)
     return reader, writer
+
+
+async def ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int = 1) -> None:
+    """A SPDY/3.1 PING (a control frame: version 3, type 6, 4 bytes of id), which the kubelet answers in kind."""
+    frame = struct.pack(">HHII", 0x8003, 6, 4, n)
+    writer.write(frame)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readexactly(len(frame)), 10) == frame
 
 
 @pytest.mark.both_loops
@@ -141,8 +148,8 @@ async def test_spdy_client_that_closes_without_a_word_ends_the_session_on_the_no
 async def test_upgraded_stream_ends_when_the_kubelet_ends_it(gw: Gateway, cluster: DevCluster) -> None:
     reader, writer = await spdy_exec(gw)
     for kubelet in cluster.kubelets:
-        for transport in list(kubelet._upgraded):
-            transport.close()
+        for session in list(kubelet._upgraded):
+            session.cancel()  # the kubelet ends the session: GOAWAY, then it closes the connection
     assert await outcome(reader) == "eof"  # the node ended it cleanly: a clean end for the client too
     writer.close()
     await all_released(gw, cluster)
@@ -185,9 +192,7 @@ async def test_busy_stream_is_cut_at_its_max_lifetime(cluster: DevCluster, caplo
         async with asyncio.timeout(10):
             while result == "open":  # busy: bytes both ways every 50 ms, so only the lifetime can end it
                 try:
-                    writer.write(b"tick")
-                    await writer.drain()
-                    await reader.readexactly(4)
+                    await ping(reader, writer)
                     await asyncio.sleep(0.05)
                 except (ConnectionResetError, BrokenPipeError):
                     result = "reset"

@@ -36,7 +36,10 @@ from tunneld.config import DialinSettings
 from tunneld.errors import ChannelRefused, DialTimeout, StreamError, TunnelDown
 from tunneld.tunnels import socks
 from tunneld.tunnels.dialin_identity import CertFacts, IdentityRefused, check_certificate, sanitize
-from tunneld.tunnels.ssh import CHANNEL_WINDOW, ENCRYPTION_ALGS, ChannelStream, Counters, _describe, _Session
+from tunneld.tunnels.ssh import ENCRYPTION_ALGS
+from tunneld.tunnels.sshchannel import CHANNEL_WINDOW, ChannelStream, Counters
+from tunneld.tunnels.sshchannel import Session as _Session
+from tunneld.tunnels.sshchannel import describe as _describe
 
 log = logging.getLogger("tunneld.dialin")
 audit = logging.getLogger("tunneld.audit")
