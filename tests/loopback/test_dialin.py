@@ -134,7 +134,7 @@ async def test_the_printed_command_brings_the_tunnel_up_and_carries_bytes_both_w
             await stream.write(payload[i:i + 256 * 1024])
         await asyncio.wait_for(task, 60)
         assert bytes(got) == payload
-        stream.write_eof()
+        await stream.write_eof()
         assert await stream.read() == b""
         await stream.close()
         assert gw.pool.tunnels["node-1"].counters.open_channels == 0
