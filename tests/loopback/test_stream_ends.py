@@ -23,6 +23,7 @@ from tunneld.app import Gateway
 from tunneld.config import Config, EgressSettings, PolicySettings
 from tunneld.dev.cluster import DevCluster
 
+from ..proxyauth import bearer_of
 from ..waiting import wait_for
 from .conftest import fast_config, started
 
@@ -103,7 +104,8 @@ async def gw(cluster: DevCluster) -> AsyncIterator[Gateway]:
 async def spdy_exec(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
     writer.write(
-        f"POST {NS}/default/pods/web-1/exec?command=cat&stdin=true HTTP/1.1\r\nHost: x\r\n".encode()
+        f"POST {NS}/default/pods/web-1/exec?command=cat&stdin=true HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: {bearer_of(gw.config.auth.token_file)}\r\n".encode()
         + b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -125,7 +127,8 @@ async def test_websocket_exec_client_that_vanishes_ends_the_session_on_the_node(
                                                                                 cluster: DevCluster) -> None:
     # The kubelet is TLS: the gateway must end it with close_notify, since TLS has no half-close to pass on.
     async with connect(f"ws://127.0.0.1:{gw.proxy.ports[0]}{NS}/default/pods/web-1/exec?command=cat&stdin=true"
-                       "&stdout=true", subprotocols=["v5.channel.k8s.io"], open_timeout=10) as conn:  # type: ignore[list-item]
+                       "&stdout=true", subprotocols=["v5.channel.k8s.io"], open_timeout=10,  # type: ignore[list-item]
+                       additional_headers={"Authorization": bearer_of(gw.config.auth.token_file)}) as conn:
         await conn.send(b"\x00hi")
         assert await asyncio.wait_for(conn.recv(), 10) == b"\x01hi"
         assert kubelet_streams(cluster) == 1 and open_channels(gw) == 1

@@ -88,7 +88,7 @@ class Session(asyncssh.SSHTCPSession[bytes]):
         if not self.manual_window or chan is None or self.credit < CHANNEL_WINDOW // 4 or self.eof:
             return
         credit, self.credit = self.credit, 0
-        chan._recv_window += credit  # type: ignore[attr-defined]
+        chan._recv_window += credit  # type: ignore[attr-defined]  # asyncssh keeps the window private
         with contextlib.suppress(asyncssh.Error, OSError):
             chan.send_packet(asyncssh.constants.MSG_CHANNEL_WINDOW_ADJUST, credit.to_bytes(4, "big"))
 
