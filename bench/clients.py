@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,19 +136,19 @@ def latency_fresh(opener: Opener, path: str, count: int) -> Latency:
     return Latency(out[1:])
 
 
-def throughput(opener: Opener, nbytes: int) -> float:
-    """Send ``nbytes`` to a sink through one stream; seconds from connect until the sink confirmed them all."""
+def upload(opener: Opener, nbytes: int) -> float:
+    """Send ``nbytes`` to the node's transfer port; seconds from connect until it confirmed them all."""
     block = memoryview(bytes(BLOCK))
     t0 = time.perf_counter()
     s = opener()
     try:
         s.settimeout(600)
+        s.sendall(b"up %d\n" % nbytes)
         left = nbytes
         while left > 0:
             n = min(left, BLOCK)
             s.sendall(block[:n])
             left -= n
-        s.shutdown(socket.SHUT_WR)
         answer = b""
         while not answer.endswith(b"\n"):
             chunk = s.recv(64)
@@ -160,6 +161,56 @@ def throughput(opener: Opener, nbytes: int) -> float:
     if answer.strip() != str(nbytes).encode():
         raise BenchError(f"sink confirmed {answer!r}, expected {nbytes}")
     return elapsed
+
+
+def download(opener: Opener, nbytes: int) -> float:
+    """Have the node's transfer port send ``nbytes``; seconds from connect until the last one arrived."""
+    buf = bytearray(BLOCK)
+    t0 = time.perf_counter()
+    s = opener()
+    try:
+        s.settimeout(600)
+        s.sendall(b"down %d\n" % nbytes)
+        got = 0
+        while got < nbytes:
+            n = s.recv_into(buf)
+            if not n:
+                raise BenchError(f"download cut short at {got} of {nbytes} bytes")
+            got += n
+        elapsed = time.perf_counter() - t0
+    finally:
+        s.close()
+    if got != nbytes:
+        raise BenchError(f"downloaded {got} bytes, expected {nbytes}")
+    return elapsed
+
+
+def transfer(direction: str) -> Callable[[Opener, int], float]:
+    """:func:`upload` or :func:`download` by name."""
+    return upload if direction == "up" else download
+
+
+def parallel(openers: list[Opener], nbytes: int, direction: str) -> float:
+    """One transfer of ``nbytes`` per opener, all at once (a thread each); aggregate MiB/s."""
+    errors: list[BaseException] = []
+    move = transfer(direction)
+
+    def one(opener: Opener) -> None:
+        try:
+            move(opener, nbytes)
+        except BaseException as exc:  # reported below, after every thread ended
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(o,), daemon=True) for o in openers]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    elapsed = time.perf_counter() - t0
+    if errors or any(t.is_alive() for t in threads):
+        raise BenchError(f"parallel {direction}: {errors[:1]!r}")
+    return len(openers) * nbytes / elapsed / MiB
 
 
 # -- concurrent channel opens (asyncio) ---------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class GatewaySettings:
     max_connections: int = 20_000
     max_channels_per_tunnel: int = 20_000
     max_concurrent_connects: int = 64
+    grpc: bool = False
 
 
 def write_inventory(path: Path, nodes: Iterable[NodeEntry]) -> None:
@@ -79,7 +80,8 @@ def write_config(workdir: Path, s: GatewaySettings) -> Path:
         f'[health]\nenabled = {"true" if s.health_enabled else "false"}\nperiod = {s.health_period}\n'
         f'timeout = 5\nhost = "127.0.0.1"\nport = {s.health_port}\n\n'
         f'[status]\nsocket = "{workdir / "status.sock"}"\n\n'
-        f'[egress]\nsocket = "{workdir / "egress.sock"}"\n\n'
+        f'[egress]\nsocket = "{workdir / "egress.sock"}"\n'
+        + (f'grpc_socket = "{workdir / "grpc.sock"}"\n' if s.grpc else "") + "\n"
         f"{proxy}"
         f"[policy]\nnode_ports = [{ports}]\n\n"
         f"[limits]\nmax_connections = {s.max_connections}\nmax_channels_per_tunnel = {s.max_channels_per_tunnel}\n"
@@ -102,6 +104,7 @@ class GatewayProcess:
         self.config = write_config(workdir, settings)
         self.status_socket = workdir / "status.sock"
         self.egress_socket = workdir / "egress.sock"
+        self.grpc_socket = workdir / "grpc.sock"
         self.proc: Any = None
         self._status: UnixHTTPConnection | None = None
 

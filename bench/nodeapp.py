@@ -4,8 +4,9 @@ Run inside the node's network namespace (``python -I bench/nodeapp.py --sink-por
 of the namespace's addresses, so both the node's sshd (``127.0.0.1`` or the node address) and a direct client (the
 node address over the veth) reach them.
 
-* Sink: reads and discards everything; after the client's end of data (half-close) it answers one line with the
-  byte count and closes. The sender stops its clock on that line, so all bytes have arrived when it does.
+* Transfer (the "sink" port): ``up N`` reads and discards N bytes, then answers one line with the count and closes
+  (the sender stops its clock on that line, so all bytes have arrived when it does); ``down N`` sends N bytes, then
+  closes (the receiver stops its clock at the N-th byte).
 * HTTP: answers every request head (no bodies expected) with ``200`` and a small JSON body, keeping the
   connection alive, like a kubelet answering ``/healthz`` or a small ``/stats`` call.
 
@@ -26,13 +27,24 @@ RESPONSE = (
     + BODY
 )
 MAX_HEAD = 64 * 1024
+BLOCK = 256 * 1024
+ZEROS = memoryview(bytes(BLOCK))
 
 
-class Sink(asyncio.Protocol):
-    """Discard bytes; report the count on end of data."""
+class Transfer(asyncio.Protocol):
+    """One transfer per connection, named by its first line: ``up N`` or ``down N``.
+
+    ``up N``: read and discard N bytes, then answer ``N`` and a newline and close. ``down N``: send N bytes (with
+    the transport's flow control), then close. The end is by count, not by half-close, so a path without a
+    half-close (Konnectivity's gRPC, whose CLOSE_REQ drops what is in flight) is measured by the same rule.
+    """
 
     def __init__(self) -> None:
-        self.count = 0
+        self.head = b""
+        self.total = -1  # bytes to read (up), -1 until the command line arrived
+        self.seen = 0
+        self.send_left = 0
+        self.paused = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -40,14 +52,46 @@ class Sink(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        """Count and drop."""
-        self.count += len(data)
+        """Parse the command, then count (up)."""
+        assert self.transport is not None
+        if self.total < 0:
+            self.head += data
+            if b"\n" not in self.head:
+                if len(self.head) > 64:
+                    self.transport.abort()
+                return
+            line, _, data = self.head.partition(b"\n")
+            verb, _, count = line.partition(b" ")
+            if not count.isdigit() or verb not in (b"up", b"down"):
+                self.transport.abort()
+                return
+            self.total = int(count) if verb == b"up" else 0
+            if verb == b"down":
+                self.send_left = int(count)
+                self._send()
+                return
+        self.seen += len(data)
+        if self.seen >= self.total and self.send_left == 0:
+            self.transport.write(b"%d\n" % self.seen)
+            self.transport.close()
 
-    def eof_received(self) -> bool:
-        """Answer the count, then close."""
-        if self.transport is not None:
-            self.transport.write(b"%d\n" % self.count)
-        return False
+    def _send(self) -> None:
+        assert self.transport is not None
+        while self.send_left > 0 and not self.paused:
+            n = min(self.send_left, BLOCK)
+            self.transport.write(ZEROS[:n])
+            self.send_left -= n
+        if self.send_left == 0:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: stop until resumed."""
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        """Go on sending."""
+        self.paused = False
+        self._send()
 
 
 class TinyHTTP(asyncio.Protocol):
@@ -78,7 +122,7 @@ async def main(sink_port: int, http_port: int) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sink = await loop.create_server(Sink, None, sink_port, reuse_address=True, backlog=1024)
+    sink = await loop.create_server(Transfer, None, sink_port, reuse_address=True, backlog=1024)
     http = await loop.create_server(TinyHTTP, None, http_port, reuse_address=True, backlog=1024)
     print("READY", flush=True)
     await stop.wait()

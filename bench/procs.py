@@ -1,12 +1,17 @@
 """Process helpers for the benchmarks: start and stop what we started (by PID), and read /proc.
 
 Every process the benchmark starts goes through :func:`spawn` and is stopped by :func:`stop` (SIGTERM, a bounded
-wait, then SIGKILL), so nothing outlives a run and nothing we did not start is touched.
+wait, then SIGKILL), so nothing outlives a run and nothing we did not start is touched. An interrupted run stops them
+too: :func:`on_interrupt` turns SIGTERM, SIGINT, SIGHUP and SIGALRM (the ``--deadline``) into :class:`Interrupted`,
+which unwinds through every ``finally`` that stops what it started, and :func:`stop_all` stops whatever is left. A
+run killed with SIGKILL cannot clean up: every spawned child gets SIGKILL from the kernel when we die
+(``PR_SET_PDEATHSIG``), so even then nothing started here keeps running.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import select
@@ -17,6 +22,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NOFILE = 65536
+PR_SET_PDEATHSIG = 1
+_LIVE: list[subprocess.Popen[bytes]] = []
+
+
+class Interrupted(SystemExit):
+    """A signal stopped the run (a SystemExit, so asyncio's loop and every ``finally`` let it through)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the cleanup that follows runs to its end
+    signal.alarm(0)
+    raise Interrupted(signum)
+
+
+def on_interrupt(deadline: float | None = None) -> None:
+    """SIGTERM, SIGINT, SIGHUP and (after ``deadline`` seconds) SIGALRM raise :class:`Interrupted`."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(sig, _interrupted)
+    if deadline:
+        signal.alarm(max(1, int(deadline)))
+
+
+def _child_setup() -> None:
+    """In the child before exec: the raised file limit, and SIGKILL when the benchmark process dies."""
+    raise_nofile()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def stop_all() -> None:
+    """Stop every process :func:`spawn` started that is still running (newest first)."""
+    while _LIVE:
+        stop(_LIVE.pop())
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -35,13 +78,15 @@ def spawn(argv: list[str], *, log: Path, env: dict[str, str] | None = None, stdi
     """Start ``argv`` in its own session with a raised file limit; stderr (and stdout unless piped) go to ``log``."""
     out = open(log, "ab")  # handed to the child, closed below
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else out, stderr=out, env=env, start_new_session=True,
-            close_fds=True, preexec_fn=raise_nofile,
+            close_fds=True, preexec_fn=_child_setup,
         )
     finally:
         out.close()
+    _LIVE.append(proc)
+    return proc
 
 
 def wait_line(proc: subprocess.Popen[bytes], token: bytes, timeout: float) -> bytes:
@@ -66,7 +111,11 @@ def wait_line(proc: subprocess.Popen[bytes], token: bytes, timeout: float) -> by
 
 def stop(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
     """SIGTERM, wait up to ``grace`` seconds, then SIGKILL; always reaps."""
-    if proc is None or proc.poll() is not None:
+    if proc is None:
+        return
+    with contextlib.suppress(ValueError):
+        _LIVE.remove(proc)
+    if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGCONT)
@@ -101,6 +150,19 @@ def usage(pid: int) -> Usage:
         elif line.startswith("Pss:"):
             pss = int(line.split()[1]) * 1024
     return Usage(time.monotonic(), rss, pss, cpu)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid``'s live threads, in seconds at nanosecond resolution (``/proc/PID/task/*/schedstat``).
+
+    Finer than :func:`usage`'s clock ticks (10 ms), which matters for per-request figures of a fraction of a
+    millisecond; threads that already exited are not counted, so use it across spans where none ends.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def cpu_percent(before: Usage, after: Usage) -> float:

@@ -5,7 +5,8 @@ tunnel is up, then measure RSS per tunnel, CPU while idle (keepalives only, heal
 gateway takes to notice a node that stops answering (its process is SIGSTOPped: TCP stays open, nothing answers, so
 only keepalives can tell). At the largest N, idle streams are opened through the CONNECT front and the status API's
 latency is measured while they open and while they are held. The OpenSSH comparison for memory is one ``ssh -N``
-client process (measured) times N.
+client process (measured) times N. At the storm point (full run: N = 5,000) the gateway is then restarted with
+every node up, and the time until all its tunnels are up again is the restart-storm figure.
 """
 
 from __future__ import annotations
@@ -142,8 +143,28 @@ def _streams(gw: GatewayProcess, nodes: list[NodeEntry], count: int, hold: float
     return asyncio.run(go())
 
 
+def _storm(gw: GatewayProcess, n: int, nodes: list[NodeEntry], settings: GatewaySettings, gdir: Path,
+           log: Any) -> tuple[GatewayProcess, dict[str, Any]]:
+    """Restart the gateway with ``n`` nodes up; time until all are up again. Returns the new gateway process."""
+    gw.wait_up(n, timeout=120)  # the node that was stopped is back
+    gw.stop()
+    sdir = gdir.with_name(gdir.name + "-restart")
+    sdir.mkdir()
+    again = GatewayProcess(sdir, settings, nodes)
+    t0 = time.monotonic()
+    try:
+        again.start(timeout=60)
+        up_at = again.wait_up(n, timeout=300, poll=0.25)
+    except BaseException:
+        again.stop()
+        raise
+    seconds = up_at - t0
+    log(f"  restart storm: gateway restarted with {n} nodes, all up again in {seconds:.1f} s")
+    return again, {"nodes": n, "all_up_again_seconds": round(seconds, 2)}
+
+
 def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: float, idle_window: float,
-            streams: int, hold: float, log: Any) -> dict[str, Any]:
+            streams: int, hold: float, log: Any, storm: bool = False) -> dict[str, Any]:
     """One scale point: N nodes (the last one is the one that stops answering)."""
     workers: list[Any] = []
     gw: GatewayProcess | None = None
@@ -185,11 +206,12 @@ def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: f
         # Idle CPU (keepalives only), while one node stops answering.
         idle0 = gw.usage()
         stopped_at = time.monotonic()
+        stall_name = nodes[-1].name
         os.kill(stall.pid, signal.SIGSTOP)
+        log(f"  node {stall_name} stopped (SIGSTOP); measuring idle CPU for {idle_window:g} s")
         noticed: float | None = None
         deadline = stopped_at + max(idle_window, keepalive * 5 + 10)
         idle1 = None
-        stall_name = nodes[-1].name
         while time.monotonic() < deadline and (noticed is None or idle1 is None):
             if idle1 is None and time.monotonic() - stopped_at >= idle_window:
                 idle1 = gw.usage()
@@ -209,6 +231,8 @@ def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: f
             "keepalive_interval_s": keepalive, "keepalive_count_max": 3,
             "notice_seconds": None if noticed is None else round(noticed, 1),
         }
+        if storm:
+            gw, out["restart_storm"] = _storm(gw, n, nodes, settings, gdir, log)
         if streams:
             log(f"  opening {streams} idle streams over {n - 1} tunnels")
             gw.wait_up(n - 1, timeout=60)
@@ -243,7 +267,7 @@ def ssh_client_memory(workdir: Path, key: Path, known_hosts: Path) -> dict[str, 
 
 
 def run(ns: list[int], *, keepalive: float, idle_window: float, streams: int, hold: float, log: Any,
-        keep: bool = False) -> dict[str, Any]:
+        storm_at: int = 0, keep: bool = False) -> dict[str, Any]:
     """Every scale point, plus the ``ssh -N`` memory reference."""
     workdir = Path(tempfile.mkdtemp(prefix="tdscale", dir="/tmp"))
     try:
@@ -254,7 +278,7 @@ def run(ns: list[int], *, keepalive: float, idle_window: float, streams: int, ho
         for n in ns:
             points.append(run_one(n, workdir=workdir, key=key, known_hosts=known_hosts, keepalive=keepalive,
                                   idle_window=idle_window, streams=streams if n == max(ns) else 0, hold=hold,
-                                  log=log))
+                                  log=log, storm=n == storm_at))
             p = points[-1]
             p["ssh_clients_rss_estimate"] = ssh_mem["rss"] * n
             p["ssh_clients_pss_estimate"] = ssh_mem["pss"] * n
