@@ -26,7 +26,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 # Lint and type checks fail the run like a failing test.
 python3 -m ruff check .
 python3 -m mypy tunneld proxy certs netnames

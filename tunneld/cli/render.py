@@ -26,7 +26,7 @@ from rich.text import Text
 from netnames.text import printable
 
 _ORDER = {"refused": 0, "gave-up": 1, "down": 2, "degraded": 3, "waiting": 4, "connecting": 4, "stopped": 5, "up": 6}
-COLUMNS = ("NODE", "ADDRESS", "STATE", "SINCE", "CHANNELS", "IN", "OUT", "PROBE", "LAST ERROR")
+COLUMNS = ("NODE", "ADDRESS", "STATE", "SINCE", "CHANNELS", "IN", "OUT", "PATH", "PROBE", "LAST ERROR")
 ROW_STYLE = {"refused": "red", "gave-up": "red", "down": "red", "degraded": "red", "connecting": "yellow",
              "waiting": "yellow",
              "stopped": "dim", "up": ""}
@@ -108,7 +108,7 @@ def row(t: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
     t = safe(t)
     return (
         t["node"], _where(t), t["state"], ago(t["since"], now), str(t["open_channels"]),
-        human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), _probe(t, now),
+        human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]), t.get("packet_path") or "-", _probe(t, now),
         shorten(t.get("last_error") or "", ERROR_WIDTH),
     )
 
@@ -158,6 +158,8 @@ def detail(t: dict[str, Any], now: float | None = None) -> Table:
     retry = t.get("next_retry")
     table.add_row("Next retry", "-" if retry is None else f"in {max(0.0, retry - now):.1f}s")
     table.add_row("Channels", f"{t['open_channels']} open, {t.get('channels_total', 0)} total")
+    path = t.get("packet_path")
+    table.add_row("SSH packets", "-" if path is None else f"{path} path ({t.get('cipher') or '?'})")
     table.add_row("Bytes", f"in {human_bytes(t['bytes_in'])} ({t['bytes_in']}), "
                            f"out {human_bytes(t['bytes_out'])} ({t['bytes_out']})")
     probe = t.get("last_probe")

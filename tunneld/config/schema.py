@@ -51,6 +51,9 @@ class SSHSettings:
     backoff_jitter: float = 0.5
     max_reconnect_attempts: int = 0
     """Consecutive failed attempts after which a tunnel stays down until reload; 0 means retry forever."""
+    lean_packet_path: bool = True
+    """Seal and open AEAD packets in :mod:`tunneld.tunnels.leanpath` (asyncssh's own path when false, or when the
+    installed asyncssh is not one it was written for)."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def ssh_section(s: Section) -> SSHSettings:
         backoff_multiplier=s.number("backoff_multiplier", 2.0, above=1.0),
         backoff_jitter=s.get("backoff_jitter", float, 0.5),
         max_reconnect_attempts=s.integer("max_reconnect_attempts", 0, minimum=0),
+        lean_packet_path=s.get("lean_packet_path", bool, True),
     )
     s.unknown()
     if not 0.0 <= ssh.backoff_jitter <= 1.0:

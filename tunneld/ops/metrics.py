@@ -53,9 +53,13 @@ class _PoolCollector(Collector):
                                           "Duration of the node's last health probe.", labels=["node"])
         probe_last = GaugeMetricFamily("tunneld_health_probes", "Tunnels by result of their last health probe.",
                                        labels=["result"])
+        path = GaugeMetricFamily("tunneld_ssh_packet_path", "1 for the SSH packet path an up tunnel uses: lean "
+                                 "(tunneld.tunnels.leanpath) or asyncssh.", labels=["node", "path"])
         results = {"ok": 0, "failed": 0, "none": 0}
         for t in tunnels:
             name = t.node.name
+            if t.link is not None:
+                path.add_metric([name, t.link.packet_path], 1)
             channels.add_metric([name], t.counters.open_channels)
             total.add_metric([name], t.counters.channels_total)
             traffic.add_metric([name, "in"], t.counters.bytes_in)
@@ -69,7 +73,7 @@ class _PoolCollector(Collector):
             probe_latency.add_metric([name], p.latency)
         for result, count in results.items():
             probe_last.add_metric([result], count)
-        yield from (channels, total, traffic, probe_ok, probe_latency, probe_last)
+        yield from (channels, total, traffic, path, probe_ok, probe_latency, probe_last)
         counts = self._csrs()
         if counts is not None:
             csr = GaugeMetricFamily("tunneld_csrs", "Certificate signing requests by state.", labels=["state"])

@@ -258,6 +258,8 @@ class Tunnel:
             "channels_total": self.counters.channels_total,
             "bytes_in": self.counters.bytes_in,
             "bytes_out": self.counters.bytes_out,
+            "packet_path": None if self.link is None else self.link.packet_path,
+            "cipher": None if self.link is None else self.link.cipher,
             "last_probe": None if p is None else {
                 "at": p.at, "ok": p.ok, "latency_ms": round(p.latency * 1000, 2), "detail": p.detail,
             },

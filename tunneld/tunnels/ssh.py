@@ -28,6 +28,7 @@ from tunneld.errors import (
     HostKeyRejected,
     TunnelDown,
 )
+from tunneld.tunnels import leanpath
 from tunneld.tunnels.sshchannel import CHANNEL_WINDOW, READ_SIZE, ChannelStream, Counters, Session
 from tunneld.tunnels.sshchannel import describe as _describe
 
@@ -53,14 +54,30 @@ _OPEN_FAILURES = {
 }
 
 
+_lean_refusal: list[str | None] = []  # leanpath.check()'s answer, computed (and logged) once per process
+
+
+def _lean_usable() -> bool:
+    if not _lean_refusal:
+        _lean_refusal.append(leanpath.check())
+        if _lean_refusal[0] is not None:
+            log.warning("lean SSH packet path unavailable, using asyncssh's own: %s", _lean_refusal[0])
+    return _lean_refusal[0] is None
+
+
 class _Client(asyncssh.SSHClient):
-    def __init__(self, dialled: str | None = None) -> None:
+    def __init__(self, dialled: str | None = None, lean: bool = False) -> None:
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._dialled = dialled
+        self._lean = lean
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         if self._dialled is not None:  # called before the key exchange: the host key is not checked yet
             _require_named_host_certificate(conn, self._dialled)
+        if self._lean and _lean_usable():
+            why = leanpath.activate(conn)
+            if why is not None:
+                log.warning("lean SSH packet path not used for this connection: %s", why)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -184,7 +201,7 @@ async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None
     keys = _client_keys(ssh)
     try:
         conn, client = await asyncssh.create_connection(
-            lambda: _Client(node.address if known_hosts is not None else None),
+            lambda: _Client(node.address if known_hosts is not None else None, ssh.lean_packet_path),
             node.address,
             node.ssh_port,
             username=ssh.user,
@@ -210,7 +227,8 @@ async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None
     except OSError as exc:
         raise ConnectFailed(f"connect to {node.address}:{node.ssh_port}: {_describe(exc)}") from exc
     assert isinstance(client, _Client)
-    _skip_ignore_padding(conn)
+    if not isinstance(conn, leanpath.LeanConnection):  # the lean path drops those packets itself
+        _skip_ignore_padding(conn)
     return SSHLink(conn, client, node.name, counters or Counters())
 
 
@@ -243,6 +261,15 @@ class SSHLink:
     @property
     def closed(self) -> bool:
         return self._client.lost.done()
+
+    @property
+    def packet_path(self) -> str:
+        """``lean`` (:mod:`tunneld.tunnels.leanpath`) or ``asyncssh``: who seals and opens this link's packets."""
+        return leanpath.path_of(self._conn)
+
+    @property
+    def cipher(self) -> str:
+        return str(self._conn.get_extra_info("send_cipher") or "")
 
     async def wait_closed(self) -> str:
         """Wait until the connection is gone; returns why."""
