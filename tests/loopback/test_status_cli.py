@@ -39,7 +39,7 @@ async def test_table_colour_json_and_detail(cluster: DevCluster, short_dir: Path
         rows = [line.split() for line in out.splitlines()]
         assert rows[0][:4] == ["NODE", "ADDRESS", "STATE", "SINCE"] and "LAST" in rows[0]
         assert [(r[0], r[2]) for r in rows[1:]] == [("node-1", "up"), ("node-2", "up"), ("node-3", "up")]
-        assert rows[1][1] == f"{cluster.sim_nodes[0].address}:2222" and rows[1][7] == "ok"
+        assert rows[1][1] == f"{cluster.sim_nodes[0].address}:2222" and rows[1][7] == "lean" and rows[1][8] == "ok"
 
         await cluster.sim_nodes[1].stop()
         await wait_for(lambda: states(gw)["node-2"] != "up", what="node-2 down")

@@ -356,6 +356,32 @@ def check() -> str | None:
     return None
 
 
+_refusal: list[str | None] = []  # check()'s answer, computed (and logged) once per process
+
+
+def usable() -> bool:
+    """Whether the installed asyncssh passed :func:`check` (asked once; a refusal is logged once)."""
+    if not _refusal:
+        _refusal.append(check())
+        if _refusal[0] is not None:
+            log.warning("lean SSH packet path unavailable, using asyncssh's own: %s", _refusal[0])
+    return _refusal[0] is None
+
+
+def skip_ignore_padding(conn: Any, aead: frozenset[str]) -> None:
+    """On asyncssh's own path, stop its per-packet empty ``SSH_MSG_IGNORE`` while an AEAD cipher protects what we
+    send: the connection's ``send_packet`` is wrapped so that those packets are dropped while the negotiated cipher
+    (looked up each time: a rekey may change it) is in ``aead``; everything else goes through."""
+    send_packet = conn.send_packet
+
+    def send_without_ignore(pkttype: int, *args: bytes, **kwargs: Any) -> None:
+        if pkttype == MSG_IGNORE and args == (_EMPTY_STRING,) and conn.get_extra_info("send_cipher") in aead:
+            return
+        send_packet(pkttype, *args, **kwargs)
+
+    conn.send_packet = send_without_ignore
+
+
 def activate(conn: Any) -> str | None:
     """Switch a new, not yet keyed client connection to the lean path; returns why not, or None if switched."""
     missing = [f for f in _CONNECTION_FIELDS if f not in conn.__dict__]

@@ -44,7 +44,6 @@ ENCRYPTION_ALGS = [*PREFERRED_CIPHERS, *(
 # against chosen-plaintext attacks on CBC's predictable IVs. AEAD ciphers have no such IVs (OpenSSH sends no such
 # packets), and with them the extra packet only doubles the encryptions and socket writes per packet sent.
 AEAD_CIPHERS = frozenset({"aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"})
-_EMPTY_STRING = b"\x00\x00\x00\x00"  # an SSH string of length 0 (RFC 4251 section 5), the IGNORE's data
 # RFC 4254 section 5.1 reason codes: OpenSSH's description is often just "open failed", the code says why.
 _OPEN_FAILURES = {
     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited (sshd forbids forwarding there)",
@@ -52,17 +51,6 @@ _OPEN_FAILURES = {
     asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE: "unknown channel type",
     asyncssh.OPEN_RESOURCE_SHORTAGE: "resource shortage",
 }
-
-
-_lean_refusal: list[str | None] = []  # leanpath.check()'s answer, computed (and logged) once per process
-
-
-def _lean_usable() -> bool:
-    if not _lean_refusal:
-        _lean_refusal.append(leanpath.check())
-        if _lean_refusal[0] is not None:
-            log.warning("lean SSH packet path unavailable, using asyncssh's own: %s", _lean_refusal[0])
-    return _lean_refusal[0] is None
 
 
 class _Client(asyncssh.SSHClient):
@@ -74,7 +62,7 @@ class _Client(asyncssh.SSHClient):
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         if self._dialled is not None:  # called before the key exchange: the host key is not checked yet
             _require_named_host_certificate(conn, self._dialled)
-        if self._lean and _lean_usable():
+        if self._lean and leanpath.usable():
             why = leanpath.activate(conn)
             if why is not None:
                 log.warning("lean SSH packet path not used for this connection: %s", why)
@@ -228,25 +216,8 @@ async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None
         raise ConnectFailed(f"connect to {node.address}:{node.ssh_port}: {_describe(exc)}") from exc
     assert isinstance(client, _Client)
     if not isinstance(conn, leanpath.LeanConnection):  # the lean path drops those packets itself
-        _skip_ignore_padding(conn)
+        leanpath.skip_ignore_padding(conn, AEAD_CIPHERS)
     return SSHLink(conn, client, node.name, counters or Counters())
-
-
-def _skip_ignore_padding(conn: asyncssh.SSHClientConnection) -> None:
-    """Stop asyncssh's per-packet ``SSH_MSG_IGNORE`` while an AEAD cipher protects what we send.
-
-    asyncssh has no option for it, so the connection's ``send_packet`` is wrapped: empty IGNORE packets are dropped
-    while the negotiated cipher (looked up each time: a rekey may change it) is AEAD; everything else goes through.
-    """
-    send_packet = conn.send_packet
-
-    def send_without_ignore(pkttype: int, *args: bytes, **kwargs: Any) -> None:
-        if (pkttype == asyncssh.MSG_IGNORE and args == (_EMPTY_STRING,)
-                and conn.get_extra_info("send_cipher") in AEAD_CIPHERS):
-            return
-        send_packet(pkttype, *args, **kwargs)
-
-    conn.send_packet = send_without_ignore  # type: ignore[method-assign]  # asyncssh has no option for it
 
 
 class SSHLink:
