@@ -177,16 +177,26 @@ async def receive_head(upstream: _Upstream, body: asyncio.Task[None] | None, tim
             else:
                 return event
 
-    task = asyncio.ensure_future(head())
-    try:
-        await _await_with_body(task, body)
+    if body is None or body.done():
+        # Nothing is going up any more (a GET's usual case): the clock runs from now, no task needed.
+        if (failure := _client_failure(body)) is not None:
+            raise failure
         try:
             async with asyncio.timeout(timeout):
-                event = await asyncio.shield(task) if not task.done() else task.result()
+                event = await head()
         except TimeoutError as exc:
             raise UpstreamTimeout(f"{upstream.up.what} did not answer within {timeout:g}s") from exc
-    finally:
-        await _cancel(task)
+    else:
+        task = asyncio.ensure_future(head())
+        try:
+            await _await_with_body(task, body)
+            try:
+                async with asyncio.timeout(timeout):
+                    event = await asyncio.shield(task) if not task.done() else task.result()
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"{upstream.up.what} did not answer within {timeout:g}s") from exc
+        finally:
+            await _cancel(task)
     if isinstance(event, h11.Response | h11.InformationalResponse):
         why = ambiguity(event.headers, event.http_version)
         if why is not None:

@@ -56,7 +56,8 @@ _CONNECTION_FIELDS = ("_send_encryption", "_recv_encryption", "_inpbuf", "_packe
                       "_channels", "_compressor", "_decompressor", "_rekey_bytes_sent", "_rekey_bytes",
                       "_rekey_seconds", "_rekey_time", "_kex_complete", "_auth_complete", "_recv_blocksize",
                       "_recv_handler", "_transport", "_auth_final")
-_CONNECTION_METHODS = ("send_packet", "_recv_pkthdr", "_recv_packet", "_send", "eof_received", "data_received")
+_CONNECTION_METHODS = ("send_packet", "_recv_pkthdr", "_recv_packet", "_send", "eof_received", "data_received",
+                       "create_tcp_channel", "_update_recv_pktlen")
 
 
 class _Padding:
@@ -206,8 +207,33 @@ def _refuse(conn: Any, why: str) -> None:
     raise LeanPathError(why)
 
 
+class LeanTCPChannel(asyncssh.SSHTCPChannel):  # type: ignore[type-arg]
+    """A ``direct-tcpip`` channel whose open does not start a Task just to begin reading (asyncssh starts one per
+    channel to flip a flag): reading begins from a plain callback on the next loop turn, so a caller that pauses
+    reading right after the open still can."""
+
+    async def _open_forward(self, session_factory: Any, chantype: bytes, *args: bytes) -> Any:
+        packet = await self._open(chantype, *args)
+        packet.check_end()  # a forward channel's open confirmation carries nothing more
+        session = self._session = session_factory()
+        session.connection_made(self)
+        session.session_started()
+        self._loop.call_soon(self._begin_reading)
+        return session
+
+    def _begin_reading(self) -> None:
+        if self._recv_paused == "starting":
+            self._recv_paused = False
+            self._flush_recv_buf()
+
+
 class LeanConnection(asyncssh.SSHClientConnection):
     """asyncssh's client connection with the lean send and receive paths (installed by :func:`activate`)."""
+
+    def create_tcp_channel(self, encoding: str | None = None, errors: str = "strict", window: int = 2 * 1024 * 1024,
+                           max_pktsize: int = 32768) -> Any:
+        self._update_recv_pktlen(max_pktsize)
+        return LeanTCPChannel(self, self._loop, encoding, errors, window, max_pktsize)
 
     @property  # type: ignore[override]
     def _send_encryption(self) -> Any:
@@ -334,6 +360,9 @@ def check() -> str | None:
     for name in _CONNECTION_METHODS:
         if not callable(getattr(asyncssh.SSHClientConnection, name, None)):
             return f"asyncssh's connection has no {name}"
+    for name in ("_open_forward", "_open", "_flush_recv_buf", "_start_reading"):
+        if not callable(getattr(asyncssh.SSHTCPChannel, name, None)):
+            return f"asyncssh's TCP channel has no {name}"
     try:
         for alg, keylen, ivlen in ((b"aes128-gcm@openssh.com", 16, 12), (b"aes256-gcm@openssh.com", 32, 12),
                                    (b"chacha20-poly1305@openssh.com", 64, 0)):
