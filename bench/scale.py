@@ -3,10 +3,11 @@
 For each N: start the gateway with an empty inventory (baseline RSS), load N nodes with SIGHUP and time until every
 tunnel is up, then measure RSS per tunnel, CPU while idle (keepalives only, health probes off), and how long the
 gateway takes to notice a node that stops answering (its process is SIGSTOPped: TCP stays open, nothing answers, so
-only keepalives can tell). At the largest N, idle streams are opened through the CONNECT front and the status API's
-latency is measured while they open and while they are held. The OpenSSH comparison for memory is one ``ssh -N``
-client process (measured) times N. At the storm point (full run: N = 5,000) the gateway is then restarted with
-every node up, and the time until all its tunnels are up again is the restart-storm figure.
+only keepalives can tell). At the largest N whose tunnels and streams fit under the open-file limit, idle streams are
+opened through the CONNECT front and the status API's latency is measured while they open and while they are held.
+The OpenSSH comparison for memory is one ``ssh -N`` client process (measured) times N. At the storm point (full
+run: N = 5,000) the gateway is then restarted with every node up, and the time until all its tunnels are up again is
+the restart-storm figure.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -60,6 +62,7 @@ class _StatusProbe(threading.Thread):
         self.path = path
         self.samples: list[float] = []
         self.errors = 0
+        self.first_error = ""
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -68,15 +71,22 @@ class _StatusProbe(threading.Thread):
             try:
                 self.gw.get(self.path, raw=True, timeout=10)
                 self.samples.append((time.perf_counter() - t0) * 1000)
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError) as exc:
                 self.errors += 1
+                self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:200]
             self._halt.wait(0.02)
+
+    def _status_conn_open(self) -> bool:
+        return self.gw._status is not None
 
     def finish(self) -> dict[str, Any]:
         self._halt.set()
         self.join(15)
         lat = clients.Latency(self.samples or [0.0])
-        return {"n": len(self.samples), "errors": self.errors, "p50_ms": round(lat.pct(50), 2),
+        if self._status_conn_open():
+            self.gw._status.close()  # type: ignore[union-attr]
+        return {"n": len(self.samples), "errors": self.errors, "first_error": self.first_error,
+                "p50_ms": round(lat.pct(50), 2),
                 "p99_ms": round(lat.pct(99), 2), "max_ms": round(max(self.samples, default=0.0), 2)}
 
 
@@ -105,7 +115,8 @@ async def _hold_streams(egress: str, nodes: list[NodeEntry], count: int, paralle
                         await asyncio.sleep(0.01 * (attempt + 1))
                         continue
                     failures += 1
-                    reasons[str(exc)[:80]] = reasons.get(str(exc)[:80], 0) + 1
+                    why = f"{type(exc).__name__}: {exc}"[:80]
+                    reasons[why] = reasons.get(why, 0) + 1
                     break
 
     t0 = time.perf_counter()
@@ -274,15 +285,22 @@ def run(ns: list[int], *, keepalive: float, idle_window: float, streams: int, ho
         key, known_hosts = _material(workdir)
         ssh_mem = ssh_client_memory(workdir, key, known_hosts)
         log(f"one ssh -N client: RSS {ssh_mem['rss'] / KiB:.0f} KiB, PSS {ssh_mem['pss'] / KiB:.0f} KiB")
+        # The gateway holds a descriptor per tunnel and per open stream: the streams go to the largest N whose
+        # tunnels and streams fit under the open-file limit (20,000 on a machine where it cannot be raised).
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fits = [n for n in ns if n + streams + 1000 <= nofile] or [min(ns)]
+        stream_n = max(fits)
+        if stream_n != max(ns):
+            log(f"open-file limit {nofile}: the {streams} streams are held at N = {stream_n}, not {max(ns)}")
         points = []
         for n in ns:
             points.append(run_one(n, workdir=workdir, key=key, known_hosts=known_hosts, keepalive=keepalive,
-                                  idle_window=idle_window, streams=streams if n == max(ns) else 0, hold=hold,
+                                  idle_window=idle_window, streams=streams if n == stream_n else 0, hold=hold,
                                   log=log, storm=n == storm_at))
             p = points[-1]
             p["ssh_clients_rss_estimate"] = ssh_mem["rss"] * n
             p["ssh_clients_pss_estimate"] = ssh_mem["pss"] * n
-        return {"ssh_client": ssh_mem, "points": points,
+        return {"ssh_client": ssh_mem, "points": points, "nofile_limit": nofile,
                 "median_rss_per_tunnel_kib": statistics.median(p["rss_per_tunnel_kib"] for p in points)}
     finally:
         if not keep:
