@@ -101,6 +101,12 @@ class DialinLink:
     def closed(self) -> bool:
         return self._lost.done()
 
+    packet_path = "asyncssh"  # the lean path serves client connections (dial-out) only
+
+    @property
+    def cipher(self) -> str:
+        return str(self._conn.get_extra_info("send_cipher") or "")
+
     async def wait_closed(self) -> str:
         return await asyncio.shield(self._lost)
 

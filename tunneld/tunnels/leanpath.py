@@ -207,7 +207,7 @@ def _refuse(conn: Any, why: str) -> None:
     raise LeanPathError(why)
 
 
-class LeanTCPChannel(asyncssh.SSHTCPChannel):  # type: ignore[type-arg]
+class LeanTCPChannel(asyncssh.SSHTCPChannel):  # type: ignore[type-arg]  # bytes channels, as ssh.py opens
     """A ``direct-tcpip`` channel whose open does not start a Task just to begin reading (asyncssh starts one per
     channel to flip a flag): reading begins from a plain callback on the next loop turn, so a caller that pauses
     reading right after the open still can."""
@@ -235,7 +235,7 @@ class LeanConnection(asyncssh.SSHClientConnection):
         self._update_recv_pktlen(max_pktsize)
         return LeanTCPChannel(self, self._loop, encoding, errors, window, max_pktsize)
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override]  # a property over asyncssh's plain attribute, to wrap each new key
     def _send_encryption(self) -> Any:
         return self.__dict__["_lean_send"]
 
@@ -244,7 +244,7 @@ class LeanConnection(asyncssh.SSHClientConnection):
         self.__dict__["_lean_send"] = lean_cipher(value)
         self.__dict__["_lean_keys"] = self.__dict__.get("_lean_keys", 0) + 1
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override]  # a property over asyncssh's plain attribute, to wrap each new key
     def _recv_encryption(self) -> Any:
         return self.__dict__["_lean_recv"]
 
@@ -282,10 +282,10 @@ class LeanConnection(asyncssh.SSHClientConnection):
     def _recv_pkthdr(self) -> bool:
         enc = self.__dict__["_lean_recv"]
         if type(enc) not in LEAN:
-            return super()._recv_pkthdr()  # type: ignore[no-any-return]
+            return super()._recv_pkthdr()  # type: ignore[no-any-return]  # asyncssh's is untyped
         buf: Any = self._inpbuf
         if type(buf) is not bytearray:
-            buf = self._inpbuf = bytearray(buf)  # type: ignore[assignment]
+            buf = self._inpbuf = bytearray(buf)  # type: ignore[assignment]  # a bytearray parses in place
         off = self.__dict__.get("_lean_off", 0)
         avail = len(buf) - off
         seq = self._recv_seq

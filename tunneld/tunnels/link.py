@@ -20,6 +20,16 @@ class Link(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def packet_path(self) -> str:
+        """``lean`` (:mod:`~.leanpath`) or ``asyncssh``: who seals and opens this link's SSH packets."""
+        ...
+
+    @property
+    def cipher(self) -> str:
+        """The negotiated cipher (what this side sends with)."""
+        ...
+
     async def wait_closed(self) -> str:
         """Wait until the connection is gone; returns why."""
         ...
