@@ -97,7 +97,7 @@ def run(*, cipher: str, nbytes: int, repeats: int, requests: int, log: Any) -> d
         runs: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(repeats):
             for name, address in paths.items():
-                seconds = clients.throughput(clients.connect_via(egress, address, SINK_PORT), nbytes)
+                seconds = clients.upload(clients.connect_via(egress, address, SINK_PORT), nbytes)
                 runs[name].append(nbytes / seconds / MiB)
                 log(f"  {name:8} {runs[name][-1]:8.1f} MiB/s")
         result: dict[str, Any] = {"cipher": cipher, "nbytes": nbytes, "throughput": {

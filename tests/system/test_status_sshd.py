@@ -49,7 +49,7 @@ async def test_stopped_sshd_turns_its_row_red_within_the_probe_period(bed: SshBe
         def all_well(lines: list[str]) -> bool:
             rows = {cells(line)[0]: cells(line) for line in lines[1:]}
             return sorted(rows) == ["node-0", "node-1", "node-2"] and all(
-                r[2] == "up" and r[7] == "ok" for r in rows.values())
+                r[2] == "up" and r[7] == "lean" and r[8] == "ok" for r in rows.values())
 
         lines = await wait_value(lambda: status_lines(str(sock)), all_well, 30, "every row up and ok", interval=0.3)
         assert not any(RED.search(line) for line in lines), "nothing is red while all is well"
