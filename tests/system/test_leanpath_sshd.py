@@ -37,7 +37,7 @@ async def _paced_round_trip(stream: Stream, chunks: int, pause: float) -> tuple[
             sent.update(chunk)
             await stream.write(chunk)
             await asyncio.sleep(pause)  # the stream must span the rekey interval: time is the point here
-        stream.write_eof()
+        await stream.write_eof()
 
     async def reader() -> None:
         nonlocal received
