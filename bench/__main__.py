@@ -31,12 +31,14 @@ QUICK: dict[str, dict[str, Any]] = {
     "sshd": {"nbytes": 128 * MiB, "rounds": 3, "requests": 200, "opens_seq": 200, "opens_conc": 500,
              "concurrency": 100, "tunnels": 8, "parallel_bytes": 32 * MiB},
     "scale": {"ns": [100], "keepalive": 5.0, "idle_window": 10.0, "streams": 1000, "hold": 3.0, "storm_at": 0},
+    "dialin": {"nbytes": 64 * MiB, "repeats": 1, "requests": 200},
 }
 FULL: dict[str, dict[str, Any]] = {
     "sshd": {"nbytes": 1024 * MiB, "rounds": 5, "requests": 2000, "opens_seq": 1000, "opens_conc": 5000,
              "concurrency": 100, "tunnels": 8, "parallel_bytes": 256 * MiB},
     "scale": {"ns": [100, 1000, 5000, 10_000], "keepalive": 30.0, "idle_window": 60.0, "streams": 10_000,
               "hold": 10.0, "storm_at": 5000},
+    "dialin": {"nbytes": 1024 * MiB, "repeats": 3, "requests": 2000},
 }
 
 
@@ -46,7 +48,7 @@ def _log(msg: str) -> None:
 
 @click.command()
 @click.option("--quick", is_flag=True, help="Small sizes, one scale point (N=100): under 3 minutes.")
-@click.option("--only", type=click.Choice(["sshd", "scale"]), help="Run one part.")
+@click.option("--only", type=click.Choice(["sshd", "scale", "dialin"]), help="Run one part.")
 @click.option("--nodes", help="Scale points, comma-separated (overrides the preset), e.g. 100,1000.")
 @click.option("--cipher", default="aes128-gcm@openssh.com", show_default=True,
               help="The one cipher the sshd allows (so both clients use it).")
@@ -105,6 +107,11 @@ def _run(quick: bool, only: str | None, nodes: str | None, cipher: str, out: Pat
             params["ns"] = [int(x) for x in nodes.split(",")]
         _log(f"part 4-5: scale, N = {params['ns']}")
         results["scale"] = scale.run(log=_log, **params)  # type: ignore[arg-type]
+    if only in (None, "dialin"):
+        from bench import dialin
+
+        _log("part 6: dial-in (ssh -N -R from the node) beside dial-out (the gateway dials sshd)")
+        results["dialin"] = dialin.run(cipher=cipher, log=_log, **preset["dialin"])
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     signal.alarm(0)
     results["seconds"] = round(time.monotonic() - started, 1)

@@ -153,6 +153,17 @@ def print_tables(results: dict[str, Any], console: Console | None = None) -> Non
                       f"{p['idle_cpu_percent']:.2f}", str(p["notice_seconds"]),
                       "" if not storm else f"{storm['all_up_again_seconds']:.1f}")
         console.print(t)
+    di = results.get("dialin")
+    if di:
+        t = Table(title=f"Dial-in beside dial-out, one gateway, {di['cipher']}")
+        for col in ("path", "MiB/s", "GET p50 ms (keep-alive)", "GET p50 ms (new channel)"):
+            t.add_column(col, justify="right")
+        for name in ("dial-out", "dial-in"):
+            lat = di["latency"]
+            t.add_row(name, f"{di['throughput'][name]['mib_per_s']:.1f}",
+                      f"{lat[f'{name} (keep-alive)']['p50_ms']:.3f}",
+                      f"{lat[f'{name} (new CONNECT = new channel)']['p50_ms']:.3f}")
+        console.print(t)
     rows = _targets(results)
     if rows:
         t = Table(title="Targets (issue 16; ratios are medians of interleaved rounds)")

@@ -111,6 +111,10 @@ def test_bench_quick_prints_every_figure_beside_its_target(tmp_path: Path) -> No
     point = results["scale"]["points"][0]
     assert point["nodes"] == 100 and point["up_seconds"] > 0 and point["rss_per_tunnel_kib"] > 0
     assert point["streams"]["opened"] == point["streams"]["requested"] == 1000
+    di = results["dialin"]  # dial-in (the node's ssh -N -R) beside dial-out, same gateway
+    assert "Dial-in beside dial-out" in out
+    assert all(di["throughput"][p]["mib_per_s"] > 0 for p in ("dial-out", "dial-in"))
+    assert di["ratio_dialin_to_dialout_throughput"] > 0 and len(di["latency"]) == 4
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
