@@ -80,10 +80,12 @@ class SPDYProcess:
                 await self._frames.put(Frame(STDIN, close=True))
         except SPDYError:
             pass
-        finally:
+        except asyncio.CancelledError:
             self._open -= 1
-            if self._open == 0:
-                await self._frames.put(None)
+            raise  # close() cancelled us: nobody reads frames any more, so no end marker (the queue may be full)
+        self._open -= 1
+        if self._open == 0:
+            await self._frames.put(None)
 
     async def receive(self) -> Frame | None:
         return await self._frames.get()
@@ -100,10 +102,12 @@ class SPDYProcess:
         return True
 
     async def close(self) -> None:
-        for name in ("stdout", "stderr", "error"):
-            if name in self.streams:
-                with contextlib.suppress(SPDYError, ConnectionError, OSError):
-                    await self.streams[name].close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):  # a client that reads nothing cannot hold the end up
+                for name in ("stdout", "stderr", "error"):
+                    if name in self.streams:
+                        with contextlib.suppress(SPDYError, ConnectionError, OSError):
+                            await self.streams[name].close()
         for task in self._pumps:
             task.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
