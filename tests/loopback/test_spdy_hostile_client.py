@@ -25,6 +25,7 @@ from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 
+from ..proxyauth import bearer_of
 from .conftest import fast_config, started
 
 EXEC = "/api/v1/namespaces/default/pods/web-1/exec?command=cat&stdin=true&stdout=true&stderr=true"
@@ -69,7 +70,8 @@ def bomb() -> bytes:
 
 async def upgraded(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
-    writer.write(f"POST {EXEC} HTTP/1.1\r\nHost: x\r\n".encode()
+    auth = bearer_of(gw.config.auth.token_file)
+    writer.write(f"POST {EXEC} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n".encode()
                  + b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101 "), head

@@ -133,7 +133,12 @@ async def serve_exec(session: Session, incoming: asyncio.Queue[SPDYStream | None
         log.info("exec: timed out waiting for client to create streams (%s)", missing)
         await session.close()
         return
-    await exec_session(SPDYProcess(session, streams, request.tty), request.argv, request.stdin, request.fs)
+    process = SPDYProcess(session, streams, request.tty)
+    try:
+        await exec_session(process, request.argv, request.stdin, request.fs)
+    finally:
+        for task in process._pumps:  # the session cut or cancelled mid-command: no pump outlives it
+            task.cancel()
 
 
 Connect = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
