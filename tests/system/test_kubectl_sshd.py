@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,46 @@ import pytest
 from tests import kubectl
 from tests.waiting import wait_for
 from tunneld.app import Gateway
+from tunneld.config import load_config
+from tunneld.dev.pki import DevCA
 from tunneld.dev.podapps import ECHO_PORT
 
-from .test_fronts_sshd import Cluster, cluster, gw  # noqa: F401  (the bed's fixtures)
+from ..proxyauth import TOKEN
+from .test_fronts_sshd import Cluster, _config, cluster  # noqa: F401  (the bed's fixtures)
 
 MiB = 1024 * 1024
+PROXY_CA: dict[int, Path] = {}
+"""The CA that signed each running test gateway's proxy-front certificate (kubectl pins it)."""
+
+
+@pytest.fixture
+async def gw(cluster: Cluster) -> AsyncIterator[Gateway]:  # noqa: F811
+    """The bed's gateway with its proxy front on TLS: kubectl sends a bearer token over https only."""
+    ca = DevCA("test proxy CA")
+    (cluster.workdir / "proxy-ca.crt").write_bytes(ca.cert_pem)
+    ca.issue_serving("127.0.0.1", ["127.0.0.1"]).write(cluster.workdir / "proxy.crt", cluster.workdir / "proxy.key")
+    path = _config(cluster)
+    text = path.read_text().replace('[proxy]\nlisten = "127.0.0.1:0"\n', '[proxy]\nlisten = "127.0.0.1:0"\n'
+                                    f'tls_cert = "{cluster.workdir / "proxy.crt"}"\n'
+                                    f'tls_key = "{cluster.workdir / "proxy.key"}"\n', 1)
+    assert "proxy.crt" in text
+    path.write_text(text)
+    gateway = Gateway(load_config(path))
+    PROXY_CA[id(gateway)] = cluster.workdir / "proxy-ca.crt"
+    await gateway.start()
+    try:
+        await wait_for(lambda: all(t.state.value == "up" for t in gateway.pool.tunnels.values()), 30, "tunnels up")
+        await gateway.api_front.pods.refresh()
+        yield gateway
+    finally:
+        await gateway.stop()
+        del PROXY_CA[id(gateway)]
 
 
 def base(gateway: Gateway) -> list[str]:
-    return [f"--server=http://127.0.0.1:{gateway.proxy.ports[0]}", "--request-timeout=30s"]
+    ca = PROXY_CA[id(gateway)]
+    return [f"--server=https://127.0.0.1:{gateway.proxy.ports[0]}", f"--certificate-authority={ca}",
+            f"--token={TOKEN}", "--request-timeout=30s"]
 
 
 def bridged(caplog: pytest.LogCaptureFixture, kind: str) -> int:
