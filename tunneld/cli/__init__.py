@@ -3,12 +3,13 @@
 daemon's local API (:mod:`.localapi`)."""
 
 from tunneld.cli.certs import ca, csr, token
+from tunneld.cli.kubeconfig import kubeconfig
 from tunneld.cli.main import main
 from tunneld.cli.node import bootstrap, ssh
 from tunneld.cli.reload import reload
 from tunneld.cli.sshcommand import node
 
-for _command in (reload, bootstrap, ssh, node, ca, token, csr):
+for _command in (reload, kubeconfig, bootstrap, ssh, node, ca, token, csr):
     main.add_command(_command)
 
 __all__ = ["main"]
