@@ -18,7 +18,7 @@ import pytest
 
 from tests import rawhttp
 from tests.proxyauth import bearer_of
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_value
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 
@@ -49,10 +49,7 @@ async def open_channels(gw: Gateway) -> float:
 
 
 async def released(gw: Gateway) -> None:
-    deadline = time.monotonic() + 5
-    while (await open_channels(gw)) != 0:
-        assert time.monotonic() < deadline, "channels left open"
-        await asyncio.sleep(0.1)
+    await wait_value(lambda: open_channels(gw), lambda n: n == 0, 5, "channels closed", interval=0.1)
     await wait_for(lambda: gw.proxy.connections == 0, 5, "proxy connections closed")
 
 

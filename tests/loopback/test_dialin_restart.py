@@ -15,6 +15,7 @@ from bench import procs
 from bench.dialgw import DialinGateway, SimDialin, material, nodes
 from bench.openssh import free_port
 from bench.scale import _StatusProbe
+from tests.waiting import wait_sync
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +34,8 @@ def wait_all_up(gw: DialinGateway, timeout: float) -> float:
     """Seconds until all N tunnels are up, or a failure with the state counts (polled every second: the list of
     1,000 is itself a load on the status API)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if gw.states().get("up", 0) == N:
-            return time.monotonic() - start
-        time.sleep(1.0)
-    raise AssertionError(f"not all {N} dial-in tunnels up within {timeout}s: {gw.states()}")
+    wait_sync(lambda: gw.states().get("up", 0) == N, timeout, f"all {N} dial-in tunnels up", interval=1.0)
+    return time.monotonic() - start
 
 
 @pytest.mark.timeout(240)

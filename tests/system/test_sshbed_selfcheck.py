@@ -22,6 +22,7 @@ from typing import IO
 import pytest
 
 from tests import sshbed
+from tests.waiting import wait_sync
 
 pytestmark = pytest.mark.system
 
@@ -241,12 +242,7 @@ def test_close_cleans_everything(tmp_path: Path, mode: str) -> None:
         # a live session whose per-connection sshd children must also be stopped by close()
         proc = subprocess.Popen(ssh_argv(bed, a, command=("sleep", "60")), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10.0
-        for _ in range(1000):
-            if a.accepted_logins() >= 1 or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert a.accepted_logins() >= 1
+        wait_sync(lambda: a.accepted_logins() >= 1, 10.0, "the session's login", interval=0.02)
         assert a.sshd_pid is not None
         session_pids = sshbed._descendants(a.sshd_pid)
         assert session_pids
