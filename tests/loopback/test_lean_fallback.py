@@ -4,65 +4,33 @@ The client is the gateway's own :func:`tunneld.tunnels.ssh.connect` against a te
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
-import asyncssh
 import pytest
 
-from tunneld.config import Node, SSHSettings
+from tests.sshecho import echo_behind_ssh
+from tunneld.config import SSHSettings
 from tunneld.tunnels import leanpath, ssh
 
 from .conftest import next_base
 
 
-class _Forwarding(asyncssh.SSHServer):
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        return True
-
-
 async def _paths(short_dir: Path, cipher: str, lean: bool, links: int = 1) -> list[str]:
     """Connect ``links`` times, send a message through each; returns each link's packet path."""
-    address = next_base()
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    (short_dir / "host.pub").write_bytes(host_key.export_public_key())
-    client_key.write_private_key(str(short_dir / "id"))
-    (short_dir / "authorized").write_bytes(client_key.export_public_key())
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    target = await asyncio.start_server(echo, address, 0)
-    server = await asyncssh.create_server(
-        _Forwarding, address, 0, server_host_keys=[host_key], encryption_algs=[cipher],
-        authorized_client_keys=str(short_dir / "authorized"),
-    )
     out = []
-    try:
-        node = Node(name="n1", address=address, ssh_port=server.sockets[0].getsockname()[1],
-                    host_key=short_dir / "host.pub")
-        settings = SSHSettings(user="u", private_key=short_dir / "id", keepalive_interval=0, lean_packet_path=lean)
+    async with echo_behind_ssh(short_dir, next_base(), cipher) as bed:
+        settings = SSHSettings(user="u", private_key=bed.private_key, keepalive_interval=0, lean_packet_path=lean)
         for _ in range(links):
-            link = await ssh.connect(node, settings)
+            link = await ssh.connect(bed.node, settings)
             try:
-                stream = await link.open_stream(address, target.sockets[0].getsockname()[1], 5)
+                stream = await link.open_stream(bed.node.address, bed.echo_port, 5)
                 await stream.write(b"ping")
                 assert await stream.read() == b"ping"
                 await stream.close()
                 out.append(link.packet_path)
             finally:
                 link.close()
-    finally:
-        server.close()
-        target.close()
     return out
 
 

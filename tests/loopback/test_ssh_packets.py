@@ -10,21 +10,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncssh
 import pytest
 
-from tunneld.config import Node, SSHSettings
+from tests.sshecho import echo_behind_ssh
+from tunneld.config import SSHSettings
 from tunneld.tunnels import ssh
 
 from .conftest import next_base
-
-
-class _Forwarding(asyncssh.SSHServer):
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        return True
 
 
 @pytest.mark.parametrize(("cipher", "packets_per_message"), [
@@ -34,41 +26,17 @@ class _Forwarding(asyncssh.SSHServer):
 ])
 async def test_ignore_padding_is_dropped_only_under_aead(short_dir: Path, cipher: str,
                                                          packets_per_message: int) -> None:
-    address = next_base()
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    (short_dir / "host.pub").write_bytes(host_key.export_public_key())
-    client_key.write_private_key(str(short_dir / "id"))
-    (short_dir / "authorized").write_bytes(client_key.export_public_key())
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    target = await asyncio.start_server(echo, address, 0)
-    target_port = target.sockets[0].getsockname()[1]
-    server = await asyncssh.create_server(
-        _Forwarding, address, 0, server_host_keys=[host_key], encryption_algs=[cipher],
-        authorized_client_keys=str(short_dir / "authorized"),
-    )
-    port = server.sockets[0].getsockname()[1]
-    link = None
-    try:
-        node = Node(name="n1", address=address, ssh_port=port, host_key=short_dir / "host.pub")
-        link = await ssh.connect(node, SSHSettings(user="u", private_key=short_dir / "id", keepalive_interval=0))
-        conn = link._conn
-        assert conn.get_extra_info("send_cipher") == cipher
-        before = conn._send_seq
-        stream = await link.open_stream(address, target_port, 5)  # CHANNEL_OPEN
-        await stream.write(b"ping")  # CHANNEL_DATA
-        assert await stream.read() == b"ping"
-        await stream.close()  # CHANNEL_CLOSE
-        await asyncio.sleep(0.05)  # let the peer's close arrive (it must not make us send anything)
-        assert (conn._send_seq - before) % 2**32 == 3 * packets_per_message
-    finally:
-        if link is not None:
+    async with echo_behind_ssh(short_dir, next_base(), cipher) as bed:
+        link = await ssh.connect(bed.node, SSHSettings(user="u", private_key=bed.private_key, keepalive_interval=0))
+        try:
+            conn = link._conn
+            assert conn.get_extra_info("send_cipher") == cipher
+            before = conn._send_seq
+            stream = await link.open_stream(bed.node.address, bed.echo_port, 5)  # CHANNEL_OPEN
+            await stream.write(b"ping")  # CHANNEL_DATA
+            assert await stream.read() == b"ping"
+            await stream.close()  # CHANNEL_CLOSE
+            await asyncio.sleep(0.05)  # let the peer's close arrive (it must not make us send anything)
+            assert (conn._send_seq - before) % 2**32 == 3 * packets_per_message
+        finally:
             link.close()
-        server.close()
-        target.close()
