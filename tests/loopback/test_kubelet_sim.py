@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from proxy import spdy
 from proxy.dialer import TCPStream
+from tests.spdyread import read_to_end
 from tunneld.dev.kubelet import KubeletSim, SimPod
 from tunneld.dev.pki import DevCA, server_context
 from tunneld.dev.podapps import ECHO_PORT, HTTP_PORT, HTTPS_PORT, pattern
@@ -234,13 +235,9 @@ async def test_spdy_exec_and_portforward_speak_spdy_streams(env: Env) -> None:
         streams = {t: await session.open_stream({"streamtype": [t]}) for t in ("error", "stdin", "stdout", "stderr")}
         payload = os.urandom(200_000)
         await streams["stdin"].write(payload, fin=True)
-        got = b""
-        while chunk := await asyncio.wait_for(streams["stdout"].read(), 10):
-            got += chunk
+        got = await read_to_end(streams["stdout"])
         assert got == payload
-        status = b""
-        while chunk := await asyncio.wait_for(streams["error"].read(), 10):
-            status += chunk
+        status = await read_to_end(streams["error"])
         assert json.loads(status) == {"metadata": {}, "status": "Success"}
         await asyncio.wait_for(session.closed.wait(), 5)  # the kubelet ended the session
     finally:

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from proxy import spdy
 from proxy.dialer import TCPStream
+from tests.spdyread import read_to_end
 from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
@@ -200,13 +201,9 @@ async def test_spdy_upgrade_passes_through(gw: Gateway) -> None:
     try:
         streams = {t: await session.open_stream({"streamtype": [t]}) for t in ("error", "stdin", "stdout")}
         await streams["stdin"].write(payload, fin=True)
-        got = b""
-        while chunk := await asyncio.wait_for(streams["stdout"].read(), 15):
-            got += chunk
+        got = await read_to_end(streams["stdout"], 15)
         assert got == payload
-        status = b""
-        while chunk := await asyncio.wait_for(streams["error"].read(), 10):
-            status += chunk
+        status = await read_to_end(streams["error"])
         assert json.loads(status)["status"] == "Success"
     finally:
         await session.close()

@@ -21,6 +21,7 @@ import pytest
 
 from proxy import spdy
 from proxy.dialer import TCPStream
+from tests.spdyread import read_to_end
 from tests.waiting import wait_for
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
@@ -125,13 +126,9 @@ async def test_frames_for_unknown_streams_are_ignored_and_the_session_goes_on(gw
         streams = {t: await session.open_stream({"streamtype": [t]}) for t in ("error", "stdin", "stdout", "stderr")}
         payload = os.urandom(100_000)
         await streams["stdin"].write(payload, fin=True)
-        got = b""
-        while chunk := await asyncio.wait_for(streams["stdout"].read(), 10):
-            got += chunk
+        got = await read_to_end(streams["stdout"])
         assert got == payload
-        status = b""
-        while chunk := await asyncio.wait_for(streams["error"].read(), 10):
-            status += chunk
+        status = await read_to_end(streams["error"])
         assert json.loads(status)["status"] == "Success"
     finally:
         await session.close()
