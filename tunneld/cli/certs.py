@@ -20,10 +20,9 @@ from typing import Any
 import click
 
 from netnames.text import printable
-from tunneld.cli.localapi import DEFAULT_SOCKET, UnixHTTPConnection, load_or_exit
+from tunneld.cli.localapi import DEFAULT_CONFIG, DEFAULT_SOCKET, UnixHTTPConnection, load_or_exit
 from tunneld.config import Config
 
-DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
 CSR_API = "/certs/apis/certificates.k8s.io/v1/certificatesigningrequests"
 
 config_option = click.option("--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True,

@@ -23,10 +23,8 @@ from certs.files import write_secret
 from certs.kubeconfig import Cluster, Context, KubeConfig, User
 from netnames import split_host_port
 from netnames.text import printable
-from tunneld.cli.localapi import load_or_exit
+from tunneld.cli.localapi import DEFAULT_CONFIG, load_or_exit
 from tunneld.config import Config
-
-DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
 
 
 @click.command("kubeconfig")

@@ -14,6 +14,8 @@ from netnames.text import printable
 from tunneld.config import Config, load_checked, load_config
 from tunneld.errors import ConfigError
 
+DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
+"""The config file the commands read unless ``--config`` says otherwise (where the unit expects it)."""
 DEFAULT_SOCKET = "/run/tunneld/tunneld.sock"
 """Where the daemon's status API listens unless ``[status] socket`` says otherwise."""
 

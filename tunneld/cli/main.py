@@ -11,9 +11,7 @@ import click
 
 from tunneld import __version__
 from tunneld.cli import render
-from tunneld.cli.localapi import DEFAULT_SOCKET, get_json, load_or_exit
-
-DEFAULT_CONFIG = "/etc/tunneld/tunneld.toml"
+from tunneld.cli.localapi import DEFAULT_CONFIG, DEFAULT_SOCKET, get_json, load_or_exit
 
 
 @click.group()
