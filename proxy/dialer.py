@@ -15,8 +15,9 @@ from netnames import normalize_host
 from proxy.errors import ProxyError, StreamError
 
 __all__ = [
-    "ChannelRefused", "DestinationNotAllowed", "DialError", "DialTimeout", "Dialer", "NoTunnel", "Overloaded",
-    "Stream", "StreamError", "TCPDialer", "TCPStream", "TunnelDown", "TunnelUnavailable",
+    "Attached", "ChannelRefused", "DestinationNotAllowed", "DialError", "DialTimeout", "Dialer", "NoTunnel",
+    "Overloaded", "Stream", "StreamError", "StreamSink", "TCPDialer", "TCPStream", "TunnelDown", "TunnelUnavailable",
+    "attach",
 ]
 
 class DialError(ProxyError):
@@ -90,6 +91,57 @@ class Stream(Protocol):
     async def close(self) -> None:
         """Close both directions and release the stream."""
         ...
+
+
+class StreamSink(Protocol):
+    """What a stream in callback mode (:func:`attach`) calls as things happen on its side, never awaiting."""
+
+    def stream_data(self, data: bytes) -> None:
+        """The peer's bytes. The sink calls :meth:`Attached.passed` once it has passed them on."""
+        ...
+
+    def stream_eof(self) -> None:
+        """The peer's clean end of data."""
+        ...
+
+    def stream_broke(self, error: StreamError) -> None:
+        """The stream broke: never to be passed on as a clean end."""
+        ...
+
+    def stream_pause(self) -> None:
+        """The stream takes no more for now: stop sending until :meth:`stream_resume`."""
+        ...
+
+    def stream_resume(self) -> None:
+        """The stream takes more again."""
+        ...
+
+
+class Attached(Protocol):
+    """A stream in callback mode: the sending side, none of it waiting."""
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` (the sink's :meth:`~StreamSink.stream_pause` says when to stop); raises StreamError."""
+        ...
+
+    def send_eof(self) -> None:
+        """Half-close: no more data will be sent."""
+        ...
+
+    def passed(self, n: int) -> None:
+        """``n`` bytes of :meth:`~StreamSink.stream_data` were passed on: the peer may send that many more."""
+        ...
+
+
+def attach(stream: Stream, sink: StreamSink) -> Attached | None:
+    """Switch ``stream`` to callback mode if it offers one (an optional ``attach(sink)`` method), else None.
+
+    Once attached, the stream hands what it had buffered and everything after to ``sink`` and is read no more;
+    :meth:`Stream.close` still closes it. A stream that offers no callback mode (TLS, SPDY, TCP) is spliced by
+    reading and writing it.
+    """
+    method = getattr(stream, "attach", None)
+    return None if method is None else method(sink)  # type: ignore[no-any-return]  # an optional duck-typed method
 
 
 class Dialer(Protocol):

@@ -25,51 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import struct
 import time
-from dataclasses import dataclass, field
 
 from proxy.dialer import Stream, StreamError
+from proxy.fastsplice import splice_in_callbacks, takeover_possible
+from proxy.spliceends import SPLICES, SpliceResult, StreamLimits, audit_expiry, expired, next_check, reset
+
+__all__ = ["CHUNK", "SPLICES", "SpliceResult", "StreamLimits", "reset", "splice"]
 
 log = logging.getLogger("proxy.splice")
-audit = logging.getLogger("proxy.audit")
 
 CHUNK = 64 * 1024
 """One read from either side: what the gateway holds for a stream besides the SSH channel's window."""
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """Bounds on one spliced stream, in seconds; 0 turns a bound off."""
-
-    idle_timeout: float = 14400.0
-    """No byte in either direction for this long: the stream is ended as broken."""
-    max_lifetime: float = 0.0
-    """The stream is ended as broken this long after it started, busy or not."""
-
-
-@dataclass
-class SpliceResult:
-    """Bytes moved, and whether a side broke (as opposed to both ending cleanly)."""
-
-    upstream_bytes: int = 0
-    downstream_bytes: int = 0
-    broken: str | None = None
-    last_activity: float = field(default_factory=time.monotonic)
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Drop the client connection so that a TCP client sees a reset (ECONNRESET), not an end of data.
-
-    ``transport.abort()`` alone closes the socket with a FIN; ``SO_LINGER`` with a zero timeout makes the close a RST.
-    A unix socket has no reset: it is simply closed.
-    """
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def splice(
@@ -89,9 +56,20 @@ async def splice(
     ``to_stream`` / ``to_client`` are bytes already read past a protocol switch that must go first.
     Always closes ``stream``; resets ``writer`` if the stream broke or expired, otherwise leaves closing it to the
     caller. ``peer`` and ``target`` name the stream in the audit line of an expiry.
+
+    A stream with a callback mode (an SSH channel) and a plain client connection are spliced in callbacks
+    (:mod:`proxy.fastsplice`); anything else (TLS, SPDY or TCP streams, TLS clients) by a task per direction.
     """
     limits = limits or StreamLimits()
-    result = SpliceResult()
+    written = 0  # to_client bytes already written by a callback splice that found no callback mode
+    if takeover_possible(reader, writer):
+        fast = await splice_in_callbacks(reader, writer, stream, to_stream=to_stream, to_client=to_client,
+                                         upgraded=upgraded, limits=limits, peer=peer, target=target)
+        if fast is not None:
+            return fast
+        written, to_client = len(to_client), b""
+    SPLICES["tasks"] += 1
+    result = SpliceResult(downstream_bytes=written)
     half_closed: set[str] = set()
 
     async def up() -> None:
@@ -139,15 +117,13 @@ async def splice(
     try:
         pending: set[asyncio.Task[None]] = set(tasks)
         while pending:
-            expired = _expired(limits, started, result.last_activity)
-            if expired is not None:
-                result.broken = expired
-                audit.warning("stream ended: %s", expired, extra={"peer": peer, "target": target,
-                                                                  "up": result.upstream_bytes,
-                                                                  "down": result.downstream_bytes})
+            why = expired(limits, started, result.last_activity)
+            if why is not None:
+                result.broken = why
+                audit_expiry(why, result, peer, target)
                 reset(writer)
                 break
-            done, pending = await asyncio.wait(pending, timeout=_next_check(limits, started, result.last_activity),
+            done, pending = await asyncio.wait(pending, timeout=next_check(limits, started, result.last_activity),
                                                return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
@@ -170,27 +146,6 @@ async def splice(
             with contextlib.suppress(StreamError):
                 await stream.close()
     return result
-
-
-def _expired(limits: StreamLimits, started: float, last_activity: float) -> str | None:
-    now = time.monotonic()
-    if limits.max_lifetime > 0 and now - started >= limits.max_lifetime:
-        return f"open for {limits.max_lifetime:g}s (limits.stream_max_lifetime)"
-    if limits.idle_timeout > 0 and now - last_activity >= limits.idle_timeout:
-        return f"idle for {limits.idle_timeout:g}s (limits.stream_idle_timeout)"
-    return None
-
-
-def _next_check(limits: StreamLimits, started: float, last_activity: float) -> float | None:
-    """Seconds until a bound could next expire (None: no bound)."""
-    deadlines = []
-    if limits.max_lifetime > 0:
-        deadlines.append(started + limits.max_lifetime)
-    if limits.idle_timeout > 0:
-        deadlines.append(last_activity + limits.idle_timeout)
-    if not deadlines:
-        return None
-    return max(0.0, min(deadlines) - time.monotonic()) + 0.01
 
 
 class _ClientBroke(Exception):

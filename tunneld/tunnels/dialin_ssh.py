@@ -69,13 +69,7 @@ class _DialinStream(ChannelStream):
 
     def break_(self, why: str) -> None:
         """End the stream as broken (a reader sees :class:`StreamError`, never a clean end)."""
-        session = self._session
-        if session.error is None:
-            session.error = StreamError(why)
-        session.eof = True
-        session.writing_paused = False
-        session._wake_reader()
-        session._wake_writer()
+        self._session.fail(StreamError(why))
 
     async def close(self) -> None:
         self._link.streams.discard(self)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncssh
 
 from tunneld.errors import StreamError
+
+if TYPE_CHECKING:
+    from proxy.dialer import StreamSink
 
 # Larger than asyncssh's default so one channel can fill a fast link; still a hard bound on what one slow reader
 # can make the node's sshd buffer for us.
@@ -57,6 +62,10 @@ class Session(asyncssh.SSHTCPSession[bytes]):
     client took the last chunk), so what the node sent and nobody has passed on never exceeds ``CHANNEL_WINDOW``; a
     node sending past its window is a protocol error asyncssh enforces. With an asyncssh that lacks the attributes
     this needs, it falls back to pausing the channel at a full window (bounded by twice the window).
+
+    Attached to a sink (:meth:`ChannelStream.attach`), the session hands the node's bytes, end and failure straight to
+    it from asyncssh's callbacks (its own packet path or the lean one alike), and the sink gives the window back as it
+    passes bytes on.
     """
 
     def __init__(self) -> None:
@@ -73,6 +82,9 @@ class Session(asyncssh.SSHTCPSession[bytes]):
         self.credit = 0  # bytes released whose window the node has not been given back yet
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
+        self.sink: StreamSink | None = None
+        self.counters: Counters | None = None  # the tunnel's, counting what goes to the sink
+        self.broke: Callable[[BaseException], StreamError] = lambda exc: StreamError(describe(exc))
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]  # a TCP session's channel is this subclass
         self.chan = chan
@@ -82,8 +94,12 @@ class Session(asyncssh.SSHTCPSession[bytes]):
 
     def release(self) -> None:
         """The consumer is done with the last read: give its window back (in batches of a quarter window)."""
-        self.credit += self.lent
-        self.lent = 0
+        lent, self.lent = self.lent, 0
+        self.give_back(lent)
+
+    def give_back(self, n: int) -> None:
+        """``n`` bytes received were passed on: the node may send that many more (in batches of a quarter window)."""
+        self.credit += n
         chan = self.chan
         if not self.manual_window or chan is None or self.credit < CHANNEL_WINDOW // 4 or self.eof:
             return
@@ -93,6 +109,11 @@ class Session(asyncssh.SSHTCPSession[bytes]):
             chan.send_packet(asyncssh.constants.MSG_CHANNEL_WINDOW_ADJUST, credit.to_bytes(4, "big"))
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        sink = self.sink
+        if sink is not None:
+            self.counters.bytes_in += len(data)  # type: ignore[union-attr]  # set with the sink
+            sink.stream_data(data)
+            return
         self.buffer.append(data)
         self.buffered += len(data)
         if (not self.manual_window and self.buffered >= CHANNEL_WINDOW and not self.reading_paused
@@ -104,25 +125,38 @@ class Session(asyncssh.SSHTCPSession[bytes]):
     def eof_received(self) -> bool:
         self.eof = self.node_eof = True
         self._wake_reader()
+        if self.sink is not None:
+            self.sink.stream_eof()
         return True  # keep our direction open: the client may still be sending (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is None and not self.node_eof:
             # A close without the node's EOF is a cut, not an end (the gateway closing the tunnel, for instance).
             exc = _ClosedWithoutEOF("channel closed without end of data")
+        self.fail(exc)
+
+    def fail(self, exc: BaseException | None) -> None:
+        """The channel is over; ``exc`` (if not None) is why it broke. Readers, writers and a sink are told."""
+        broken = exc is not None and self.error is None
         if exc is not None and self.error is None:
-            self.error = exc
+            self.error = exc if isinstance(exc, Exception) else StreamError(describe(exc))
         self.eof = True
         self.writing_paused = False  # nothing will resume it: a writer must not wait any longer
         self._wake_reader()
         self._wake_writer()
+        if broken and self.sink is not None and self.error is not None:
+            self.sink.stream_broke(self.broke(self.error))
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        if self.sink is not None:
+            self.sink.stream_pause()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._wake_writer()
+        if self.sink is not None:
+            self.sink.stream_resume()
 
     def _wake_reader(self) -> None:
         if self._readable is not None and not self._readable.done():
@@ -204,11 +238,51 @@ class ChannelStream:
         self._counters.bytes_out += len(data)
 
     async def write_eof(self) -> None:
+        self.send_eof()
+
+    def attach(self, sink: StreamSink) -> ChannelStream | None:
+        """Callback mode (:func:`proxy.dialer.attach`): what the node sends goes straight to ``sink``, starting with
+        what is buffered; None (read and write instead) if the window cannot be given back by hand."""
+        session = self._session
+        if not session.manual_window or self._closed:
+            return None
+        session.counters = self._counters
+        session.broke = self._broke
+        session.sink = sink
+        session.release()  # the last read's bytes were passed on before the switch
+        while session.buffer:
+            data = session.buffer.popleft()
+            session.buffered -= len(data)
+            self._counters.bytes_in += len(data)
+            sink.stream_data(data)
+        if session.error is not None:
+            sink.stream_broke(self._broke(session.error))
+        elif session.node_eof:
+            sink.stream_eof()
+        elif session.writing_paused:
+            sink.stream_pause()
+        return self
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` on the channel without waiting (callback mode: the sink is told when to pause)."""
+        if self._session.error is not None:
+            raise self._broke(self._session.error)
+        try:
+            self._chan.write(data)
+        except (asyncssh.Error, OSError) as exc:  # BrokenPipeError: the channel is closing
+            raise self._broke(exc) from exc
+        self._counters.bytes_out += len(data)
+
+    def send_eof(self) -> None:
         try:
             if self._chan.can_write_eof():
                 self._chan.write_eof()
         except (asyncssh.Error, OSError):
             pass
+
+    def passed(self, n: int) -> None:
+        """Callback mode: ``n`` bytes the sink was given are passed on; their window goes back to the node."""
+        self._session.give_back(n)
 
     async def close(self) -> None:
         """Close the channel: unsent data still goes out first, then ``CHANNEL_CLOSE``.
@@ -219,5 +293,6 @@ class ChannelStream:
         if self._closed:
             return
         self._closed = True
+        self._session.sink = None
         self._counters.open_channels -= 1
         self._chan.close()
