@@ -47,10 +47,10 @@ def takeover_possible(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 def _take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     """What the StreamReader holds, and whether the client's end of data came with it (asyncio keeps no public way
     to take a buffer without waiting; :func:`takeover_possible` checked these attributes exist)."""
-    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]  # asyncio's StreamReader keeps it private
     data = bytes(buffer)
     buffer.clear()
-    return data, bool(reader._eof)  # type: ignore[attr-defined]
+    return data, bool(reader._eof)  # type: ignore[attr-defined]  # private as well
 
 
 class _Splice(asyncio.Protocol):
