@@ -1,7 +1,7 @@
 """Splicing in callbacks: a plain (TCP or unix) client connection and a stream in callback mode
 (:func:`proxy.dialer.attach`, an SSH channel), with no task, no StreamReader and no copy in the data path.
 
-After the front has parsed the request head, the client's transport is taken over by a :class:`_Splice` protocol,
+After the front has parsed the request head, the client's transport is taken over by a :class:`SpliceProtocol` protocol,
 fed first with what the front's StreamReader had already buffered. Then each side's bytes are handed to the other
 from the callback that received them: the client's ``data_received`` queues them on the channel, the channel's
 ``data_received`` writes them to the client's transport. Backpressure both ways:
@@ -9,8 +9,9 @@ from the callback that received them: the client's ``data_received`` queues them
 - client -> node: when the channel's send buffer is full (the node's window is spent), the channel pauses the sink
   and the client's transport stops reading until it resumes;
 - node -> client: the node's window is given back only for bytes the client's transport took while below its
-  (small) high-water mark; above it, what arrives is held back until the transport drains. So what the node sent
-  and nobody has passed on stays bounded by the channel's window plus :data:`HIGH_WATER`.
+  (small) high-water mark; above it, what arrives waits in a queue of its own (the received bytes objects, not a
+  growing transport buffer) until the transport drains. So what the node sent and nobody has passed on stays
+  bounded by the channel's window plus :data:`HIGH_WATER` and one packet.
 
 Endings are those of :mod:`proxy.splice` (its module docstring): half-close for CONNECT, ending as a whole for an
 upgraded connection, a reset for a TCP client whose stream broke or expired, the stream always closed. At the end
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 
 from proxy.dialer import Attached, Stream, StreamError, attach
 from proxy.spliceends import SPLICES, SpliceResult, StreamLimits, audit_expiry, expired, next_check, reset
@@ -53,7 +55,7 @@ def _take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     return data, bool(reader._eof)  # type: ignore[attr-defined]  # private as well
 
 
-class _Splice(asyncio.Protocol):
+class SpliceProtocol(asyncio.Protocol):
     """The client transport's protocol and the stream's sink for one splice."""
 
     def __init__(self, writer: asyncio.StreamWriter, upgraded: bool, result: SpliceResult) -> None:
@@ -68,6 +70,8 @@ class _Splice(asyncio.Protocol):
         self.client_full = False  # the client transport's buffer is over its high-water mark
         self.reading_paused = False  # we paused reading the client (the stream takes no more)
         self.withheld = 0  # bytes passed to the client transport whose window the node has not been given back
+        self.queue: deque[bytes] = deque()  # the node's bytes waiting for the client transport to drain
+        self.eof_pending = False  # the node's end of data, to pass on once the queue is empty
         self.lost: tuple[Exception | None] | None = None  # the client connection's loss, to pass on at the end
 
     def end(self, broken: str | None = None) -> None:
@@ -117,9 +121,16 @@ class _Splice(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client_full = False
-        if self.withheld and self.stream is not None and not self.done.done():
+        if self.stream is None or self.done.done():
+            return
+        if self.withheld:
             withheld, self.withheld = self.withheld, 0
             self.stream.passed(withheld)
+        while self.queue and not self.client_full:
+            self.write(self.queue.popleft())
+        if self.eof_pending and not self.queue:
+            self.eof_pending = False
+            self.node_ended()
 
     # The stream's side (proxy.dialer.StreamSink).
 
@@ -128,6 +139,13 @@ class _Splice(asyncio.Protocol):
             return
         self.result.last_activity = time.monotonic()
         self.result.downstream_bytes += len(data)
+        if self.client_full or self.queue:
+            self.queue.append(data)
+        else:
+            self.write(data)
+
+    def write(self, data: bytes) -> None:
+        """To the client; the node gets the window back unless this filled the transport (then at its drain)."""
         self.transport.write(data)
         if self.client_full or self.stream is None:
             self.withheld += len(data)
@@ -137,6 +155,12 @@ class _Splice(asyncio.Protocol):
     def stream_eof(self) -> None:
         if self.done.done():
             return
+        if self.queue:
+            self.eof_pending = True
+        else:
+            self.node_ended()
+
+    def node_ended(self) -> None:
         self.down_open = False
         if not self.upgraded and self.transport.can_write_eof():
             with contextlib.suppress(OSError):
@@ -175,7 +199,7 @@ async def splice_in_callbacks(
     """:func:`proxy.splice.splice` in callbacks (the caller checked :func:`takeover_possible`); None when ``stream``
     has no callback mode, with nothing done but ``to_client`` written."""
     result = SpliceResult()
-    sp = _Splice(writer, upgraded, result)
+    sp = SpliceProtocol(writer, upgraded, result)
     transport = sp.transport
     front = transport.get_protocol()
     # From here to the wait nothing yields: no byte of either side can arrive out of order.

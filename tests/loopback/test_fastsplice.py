@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.fastsplice import HIGH_WATER
+from proxy.fastsplice import HIGH_WATER, SpliceProtocol
 from proxy.splice import SPLICES
 from tunneld.app import Gateway
 from tunneld.config import Config, EgressSettings, PolicySettings
@@ -27,6 +27,7 @@ from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, fast_config, source_s
 from .test_stream_ends import all_released, outcome
 
 MiB = 1024 * 1024
+PACKET = 32 * 1024  # the most one SSH data packet carries (asyncssh's default max_pktsize)
 HALF_PORT = 7795  # sends a greeting, ends its side, then counts what it receives
 DEAF_PORT = 7796  # accepts and reads nothing until told to
 TRICKLE_PORT = 7797  # 1 KiB every 50 ms
@@ -65,11 +66,13 @@ async def connect(gw: Gateway, target: str, over: str = "unix") -> tuple[asyncio
     return reader, writer
 
 
-def gateway_side(gw: Gateway) -> asyncio.WriteTransport:
+def gateway_side(gw: Gateway) -> asyncio.Transport:
     """The gateway's transport of the one client connection on the egress front."""
     writers = list(gw.egress._writers)
     assert len(writers) == 1
-    return writers[0].transport
+    transport = writers[0].transport
+    assert isinstance(transport, asyncio.Transport)
+    return transport
 
 
 @pytest.mark.both_loops
@@ -139,8 +142,13 @@ async def test_client_that_does_not_read_stalls_the_node_within_a_window(gw: Gat
     node = cluster.sim_nodes[2]
     reader, writer = await connect(gw, f"{node.address}:{SOURCE_PORT}")
     await source_stalls(lambda: node_servers.source_written[0])
-    held = gateway_side(gw).get_write_buffer_size()
-    assert CHANNEL_WINDOW // 2 <= held <= CHANNEL_WINDOW + HIGH_WATER, held
+    transport = gateway_side(gw)
+    splice = transport.get_protocol()
+    assert isinstance(splice, SpliceProtocol)  # the callback splice holds the client connection
+    in_transport = transport.get_write_buffer_size()
+    held = in_transport + sum(map(len, splice.queue))
+    assert in_transport <= HIGH_WATER + PACKET, in_transport
+    assert CHANNEL_WINDOW // 2 <= held <= CHANNEL_WINDOW + HIGH_WATER + PACKET, held
     received = 0
     async with asyncio.timeout(30):  # and it all comes through once the client reads again
         for i in range(64):
