@@ -1,10 +1,11 @@
 """Splicing in callbacks: a plain (TCP or unix) client connection and a stream in callback mode
 (:func:`proxy.dialer.attach`, an SSH channel), with no task, no StreamReader and no copy in the data path.
 
-After the front has parsed the request head, the client's transport is taken over by a :class:`SpliceProtocol` protocol,
+After the front has parsed the request head, the client's transport is taken over by a :class:`SpliceProtocol`,
 fed first with what the front's StreamReader had already buffered. Then each side's bytes are handed to the other
-from the callback that received them: the client's ``data_received`` queues them on the channel, the channel's
-``data_received`` writes them to the client's transport. Backpressure both ways:
+from the callback that received them: the client's ``data_received`` queues them on the channel; the channel's
+``data_received`` queues them for the client, and what one turn of the loop received (the packets of one read from
+the node's connection) goes to the client's transport in one write. Backpressure both ways:
 
 - client -> node: when the channel's send buffer is full (the node's window is spent), the channel pauses the sink
   and the client's transport stops reading until it resumes;
@@ -32,6 +33,8 @@ from proxy.spliceends import SPLICES, SpliceResult, StreamLimits, audit_expiry, 
 HIGH_WATER = 16 * 1024
 """The client transport's write buffer above which the node's window is no longer given back."""
 LOW_WATER = 4 * 1024
+BATCH = 256 * 1024
+"""At most this much of the queue goes to the client in one write (a read from the node's connection holds less)."""
 
 
 def takeover_possible(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -64,13 +67,15 @@ class SpliceProtocol(asyncio.Protocol):
         self.upgraded = upgraded
         self.result = result
         self.stream: Attached | None = None
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
         self.up_open = True  # client -> stream
         self.down_open = True  # stream -> client
         self.client_full = False  # the client transport's buffer is over its high-water mark
         self.reading_paused = False  # we paused reading the client (the stream takes no more)
         self.withheld = 0  # bytes passed to the client transport whose window the node has not been given back
-        self.queue: deque[bytes] = deque()  # the node's bytes waiting for the client transport to drain
+        self.queue: deque[bytes] = deque()  # the node's bytes not yet written to the client transport
+        self.flushing = False  # a flush of the queue is scheduled
         self.eof_pending = False  # the node's end of data, to pass on once the queue is empty
         self.lost: tuple[Exception | None] | None = None  # the client connection's loss, to pass on at the end
 
@@ -126,9 +131,9 @@ class SpliceProtocol(asyncio.Protocol):
         if self.withheld:
             withheld, self.withheld = self.withheld, 0
             self.stream.passed(withheld)
-        while self.queue and not self.client_full:
-            self.write(self.queue.popleft())
-        if self.eof_pending and not self.queue:
+        if self.queue:
+            self.schedule_flush()
+        elif self.eof_pending:
             self.eof_pending = False
             self.node_ended()
 
@@ -139,18 +144,42 @@ class SpliceProtocol(asyncio.Protocol):
             return
         self.result.last_activity = time.monotonic()
         self.result.downstream_bytes += len(data)
-        if self.client_full or self.queue:
-            self.queue.append(data)
-        else:
-            self.write(data)
+        self.queue.append(data)
+        if not self.client_full:
+            self.schedule_flush()
 
-    def write(self, data: bytes) -> None:
-        """To the client; the node gets the window back unless this filled the transport (then at its drain)."""
-        self.transport.write(data)
-        if self.client_full or self.stream is None:
-            self.withheld += len(data)
+    def schedule_flush(self) -> None:
+        if not self.flushing:
+            self.flushing = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Up to :data:`BATCH` queued bytes to the client in one write; the node gets their window back unless they
+        filled the transport (then once it drains)."""
+        self.flushing = False
+        queue = self.queue
+        if self.done.done() or self.client_full or self.stream is None or not queue:
+            return
+        batch = [queue.popleft()]
+        size = len(batch[0])
+        while queue and size < BATCH:
+            data = queue.popleft()
+            batch.append(data)
+            size += len(data)
+        if len(batch) == 1:
+            self.transport.write(batch[0])
         else:
-            self.stream.passed(len(data))
+            self.transport.writelines(batch)  # uvloop: one writev; asyncio: one join
+        del batch
+        if self.client_full:
+            self.withheld += size
+        else:
+            self.stream.passed(size)
+            if queue:
+                self.schedule_flush()
+            elif self.eof_pending:
+                self.eof_pending = False
+                self.node_ended()
 
     def stream_eof(self) -> None:
         if self.done.done():
@@ -234,9 +263,6 @@ async def splice_in_callbacks(
 
     try:
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-        if sp.withheld and not sp.client_full:  # what the stream had buffered, written when it was attached
-            withheld, sp.withheld = sp.withheld, 0
-            stream_attached.passed(withheld)
         buffered, client_eof = _take_buffered(reader)
         if not transport.is_reading() and not transport.is_closing():
             transport.resume_reading()  # the StreamReader may have paused it while full
