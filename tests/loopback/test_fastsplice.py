@@ -22,6 +22,7 @@ from tunneld.config import Config, EgressSettings, PolicySettings
 from tunneld.dev.cluster import DevCluster
 from tunneld.tunnels.sshchannel import CHANNEL_WINDOW
 
+from ..proxyauth import bearer_of
 from ..waiting import wait_for
 from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, fast_config, source_stalls, started
 from .test_stream_ends import all_released, outcome
@@ -31,11 +32,12 @@ PACKET = 32 * 1024  # the most one SSH data packet carries (asyncssh's default m
 HALF_PORT = 7795  # sends a greeting, ends its side, then counts what it receives
 DEAF_PORT = 7796  # accepts and reads nothing until told to
 TRICKLE_PORT = 7797  # 1 KiB every 50 ms
+UPGRADE_PORT = 7798  # answers any request with 101 and a few bytes, then echoes
 
 
 def config(cluster: DevCluster, sock: Path, lean: bool = True, **limits: float) -> Config:
     cfg = fast_config(cluster, lean_packet_path=lean)
-    ports = (ECHO_PORT, SOURCE_PORT, HALF_PORT, DEAF_PORT, TRICKLE_PORT)
+    ports = (ECHO_PORT, SOURCE_PORT, HALF_PORT, DEAF_PORT, TRICKLE_PORT, UPGRADE_PORT)
     return replace(cfg, egress=EgressSettings(socket=sock, listen="127.0.0.1:0"),
                    health=replace(cfg.health, period=3600.0),  # no probe in a tunnel's byte counters meanwhile
                    policy=PolicySettings(node_ports=tuple(map(str, ports))),
@@ -262,4 +264,50 @@ async def test_busy_stream_outlives_its_idle_bound_and_is_cut_at_its_lifetime(
         await all_released(gateway)
     finally:
         await gateway.stop()
+        server.close()
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("ends", ["client", "node"])
+async def test_upgraded_stream_through_a_proxy_url_is_spliced_in_callbacks_and_ends_as_a_whole(
+        gw: Gateway, cluster: DevCluster, ends: str) -> None:
+    node_saw: list[str] = []
+
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            # The switch and the first bytes in one segment: they reach the gateway with the head.
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly")
+            if ends == "node":
+                return
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+            node_saw.append("end")
+        finally:
+            writer.close()
+
+    node = cluster.sim_nodes[1]
+    server = await asyncio.start_server(upgrade, node.address, UPGRADE_PORT)
+    try:
+        before = SPLICES["callbacks"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.ports[0])
+        writer.write(f"GET /api/v1/nodes/{node.name}:{UPGRADE_PORT}/proxy/x HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: {bearer_of(gw.config.auth.token_file)}\r\n"
+                     "Connection: Upgrade\r\nUpgrade: echo\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"early"  # before anything spliced
+        assert SPLICES["callbacks"] == before + 1
+        if ends == "node":
+            assert await outcome(reader) == "eof"  # the node's clean end ends the whole connection
+        else:
+            data = os.urandom(4 * MiB)
+            writer.write(data)
+            assert await asyncio.wait_for(reader.readexactly(len(data)), 10) == data
+            writer.close()  # the client's end ends the node's side too
+            await wait_for(lambda: node_saw == ["end"], 10, "the node saw its connection end")
+        writer.close()
+        await all_released(gw)
+    finally:
         server.close()
