@@ -37,15 +37,17 @@ BATCH = 256 * 1024
 """At most this much of the queue goes to the client in one write (a read from the node's connection holds less)."""
 
 
-def takeover_possible(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """Whether the client connection can be spliced in callbacks: a plain socket whose StreamReader we can empty.
+def takeover_possible(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: Stream) -> bool:
+    """Whether the splice can run in callbacks: a stream that offers a callback mode (:func:`proxy.dialer.attach`)
+    and a plain socket client whose StreamReader we can empty.
 
     TLS client connections stay on the task-based splice (asyncio's TLS transport cannot half-close, and its flow
-    control differs); so does a connection that already failed or is closing.
+    control and teardown differ); so does a connection that already failed or is closing.
     """
     transport = writer.transport
-    return (writer.get_extra_info("sslcontext") is None and not transport.is_closing()
-            and reader.exception() is None and isinstance(getattr(reader, "_buffer", None), bytearray)
+    return (getattr(stream, "attach", None) is not None and writer.get_extra_info("sslcontext") is None
+            and not transport.is_closing() and reader.exception() is None
+            and isinstance(getattr(reader, "_buffer", None), bytearray)
             and isinstance(getattr(reader, "_eof", None), bool) and hasattr(transport, "set_protocol"))
 
 

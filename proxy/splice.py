@@ -62,7 +62,7 @@ async def splice(
     """
     limits = limits or StreamLimits()
     written = 0  # to_client bytes already written by a callback splice that found no callback mode
-    if takeover_possible(reader, writer):
+    if takeover_possible(reader, writer, stream):
         fast = await splice_in_callbacks(reader, writer, stream, to_stream=to_stream, to_client=to_client,
                                          upgraded=upgraded, limits=limits, peer=peer, target=target)
         if fast is not None:
