@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from bench import procs, report
+from bench.scale import PARTS
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024 * 1024
@@ -50,6 +51,9 @@ def _log(msg: str) -> None:
 @click.option("--quick", is_flag=True, help="Small sizes, one scale point (N=100): under 3 minutes.")
 @click.option("--only", type=click.Choice(["sshd", "scale", "dialin"]), help="Run one part.")
 @click.option("--nodes", help="Scale points, comma-separated (overrides the preset), e.g. 100,1000.")
+@click.option("--scale-part", "scale_parts", multiple=True, type=click.Choice(PARTS),
+              help="Scale: only these measurements after all tunnels are up (repeatable; default all), e.g. "
+                   "--only scale --nodes 5000 --scale-part streams.")
 @click.option("--cipher", default="aes128-gcm@openssh.com", show_default=True,
               help="The one cipher the sshd allows (so both clients use it).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=HERE, show_default=True,
@@ -57,8 +61,8 @@ def _log(msg: str) -> None:
 @click.option("--note", default="", help="Free text recorded with the results (e.g. other load on the machine).")
 @click.option("--deadline", type=float, default=None,
               help="Stop (and stop everything started) after this many seconds, like SIGTERM.")
-def main(quick: bool, only: str | None, nodes: str | None, cipher: str, out: Path, note: str,
-         deadline: float | None) -> None:
+def main(quick: bool, only: str | None, nodes: str | None, scale_parts: tuple[str, ...], cipher: str, out: Path,
+         note: str, deadline: float | None) -> None:
     """Benchmark the gateway against ssh -N -L on the same sshd, and at scale."""
     try:
         import matplotlib  # noqa: F401  # the plot is written at the end: find out now, not after the run
@@ -70,7 +74,7 @@ def main(quick: bool, only: str | None, nodes: str | None, cipher: str, out: Pat
     procs.raise_nofile()
     procs.on_interrupt(deadline)
     try:
-        _run(quick, only, nodes, cipher, out, note)
+        _run(quick, only, nodes, scale_parts or PARTS, cipher, out, note)
     except procs.Interrupted as exc:
         _log(f"interrupted by signal {exc.signum}: stopping what was started")
         raise
@@ -78,12 +82,14 @@ def main(quick: bool, only: str | None, nodes: str | None, cipher: str, out: Pat
         procs.stop_all()
 
 
-def _run(quick: bool, only: str | None, nodes: str | None, cipher: str, out: Path, note: str) -> None:
+def _run(quick: bool, only: str | None, nodes: str | None, scale_parts: tuple[str, ...], cipher: str, out: Path,
+         note: str) -> None:
     preset = QUICK if quick else FULL
     started = time.monotonic()
     results: dict[str, Any] = {
         "command": "python -m bench" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
-        + (f" --nodes {nodes}" if nodes else ""),
+        + (f" --nodes {nodes}" if nodes else "")
+        + "".join(f" --scale-part {p}" for p in scale_parts if scale_parts != PARTS),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {**procs.machine_load(), "platform": platform.platform(), "python": sys.version.split()[0]},
         "note": note,
@@ -106,7 +112,7 @@ def _run(quick: bool, only: str | None, nodes: str | None, cipher: str, out: Pat
         if nodes:
             params["ns"] = [int(x) for x in nodes.split(",")]
         _log(f"part 4-5: scale, N = {params['ns']}")
-        results["scale"] = scale.run(log=_log, **params)  # type: ignore[arg-type]
+        results["scale"] = scale.run(log=_log, parts=scale_parts, **params)  # type: ignore[arg-type]
     if only in (None, "dialin"):
         from bench import dialin
 

@@ -52,6 +52,8 @@ class GatewaySettings:
     max_channels_per_tunnel: int = 20_000
     max_concurrent_connects: int = 64
     grpc: bool = False
+    gc_full_collection_interval: float | None = None
+    """``[gc] full_collection_interval`` (None: the daemon's default; 0: CPython's own collector settings)."""
 
 
 def write_inventory(path: Path, nodes: Iterable[NodeEntry]) -> None:
@@ -87,7 +89,9 @@ def write_config(workdir: Path, s: GatewaySettings) -> Path:
         f"[limits]\nmax_connections = {s.max_connections}\nmax_channels_per_tunnel = {s.max_channels_per_tunnel}\n"
         "idle_timeout = 600\n\n"
         '[log]\nlevel = "warning"\n\n'
-        f'[inventory]\nfile = "{workdir / "nodes.toml"}"\n'
+        + ("" if s.gc_full_collection_interval is None
+           else f"[gc]\nfull_collection_interval = {s.gc_full_collection_interval}\n\n")
+        + f'[inventory]\nfile = "{workdir / "nodes.toml"}"\n'
     )
     path = workdir / "tunneld.toml"
     path.write_text(text)

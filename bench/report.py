@@ -62,7 +62,7 @@ def _scale_targets(sc: dict[str, Any]) -> list[Row]:
             rows.append(_row(f"{n} tunnels up", p["up_seconds"], "{:.1f} s", "< 60 s", p["up_seconds"] < 60))
         rows.append(_row(f"RSS per idle tunnel (N={n})", p["rss_per_tunnel_kib"], "{:.0f} KiB", "< 40 KiB",
                          p["rss_per_tunnel_kib"] < 40))
-        if n >= 5000:
+        if n >= 5000 and p["idle_cpu_percent"] is not None:
             rows.append(_row(f"idle CPU at {n} (keepalive {p['keepalive_interval_s']:g} s)", p["idle_cpu_percent"],
                              "{:.1f} %", "< 5 %", p["idle_cpu_percent"] < 5))
         st = p.get("restart_storm")
@@ -150,7 +150,7 @@ def print_tables(results: dict[str, Any], console: Console | None = None) -> Non
             storm = p.get("restart_storm")
             t.add_row(str(p["nodes"]), f"{p['up_seconds']:.1f}", f"{p['gateway_rss_loaded'] / MiB:.0f}",
                       f"{p['rss_per_tunnel_kib']:.0f}", f"{p['ssh_clients_rss_estimate'] / MiB:.0f}",
-                      f"{p['idle_cpu_percent']:.2f}", str(p["notice_seconds"]),
+                      "" if p["idle_cpu_percent"] is None else f"{p['idle_cpu_percent']:.2f}", str(p["notice_seconds"]),
                       "" if not storm else f"{storm['all_up_again_seconds']:.1f}")
         console.print(t)
     di = results.get("dialin")

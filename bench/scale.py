@@ -8,6 +8,9 @@ opened through the CONNECT front and the status API's latency is measured while 
 The OpenSSH comparison for memory is one ``ssh -N`` client process (measured) times N. At the storm point (full
 run: N = 5,000) the gateway is then restarted with every node up, and the time until all its tunnels are up again is
 the restart-storm figure.
+
+``parts`` picks which of the measurements after "all up" run (:data:`PARTS`: idle CPU with the stopped node, the
+restart storm, the idle streams), so one of them can be measured again without the others' minutes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SSH_PORT = 2022
 NODES_PER_WORKER = 1250
 STREAM_PORT = 10250
 KiB = 1024
+PARTS = ("idle", "storm", "streams")
+"""The measurements after "all up" that :func:`run` can be limited to (all by default)."""
 
 
 def _material(workdir: Path) -> tuple[Path, Path]:
@@ -142,13 +147,17 @@ def _streams(gw: GatewayProcess, nodes: list[NodeEntry], count: int, hold: float
         await asyncio.sleep(hold)
         holding = held.finish()
         usage = gw.usage()
-        log(f"  status p99 while holding {holding['p99_ms']} ms")
+        collector = gw.get("/gateway")["gc"]
+        log(f"  status p99 while holding {holding['p99_ms']} ms; full garbage collections "
+            f"{collector['full_collections']}"
+            f", longest {collector['longest_full_collection_seconds'] * 1000:.0f} ms")
         opened = len(writers)
         for w in writers:
             w.close()
         return {"requested": count, "opened": opened, "failed": failures, "open_seconds": round(seconds, 2),
                 "status_p99_ms_while_opening": opening["p99_ms"], "status_while_opening": opening,
                 "status_p99_ms_while_holding": holding["p99_ms"], "status_while_holding": holding,
+                "gateway_gc": collector,
                 "rss_per_stream_kib": round((usage.rss - before.rss) / max(opened, 1) / KiB, 1)}
 
     return asyncio.run(go())
@@ -170,12 +179,45 @@ def _storm(gw: GatewayProcess, n: int, nodes: list[NodeEntry], settings: Gateway
         again.stop()
         raise
     seconds = up_at - t0
-    log(f"  restart storm: gateway restarted with {n} nodes, all up again in {seconds:.1f} s")
-    return again, {"nodes": n, "all_up_again_seconds": round(seconds, 2)}
+    usage = again.usage()
+    log(f"  restart storm: gateway restarted with {n} nodes, all up again in {seconds:.1f} s "
+        f"(gateway CPU {usage.cpu_seconds:.1f} s)")
+    return again, {"nodes": n, "all_up_again_seconds": round(seconds, 2),
+                   "gateway_cpu_seconds": round(usage.cpu_seconds, 2)}
+
+
+def _idle(gw: GatewayProcess, stall_pid: int, stall_name: str, keepalive: float, idle_window: float,
+          log: Any) -> dict[str, Any]:
+    """Idle CPU (keepalives only), while one node (process ``stall_pid``) stops answering: how long until its
+    tunnel is seen down."""
+    idle0 = gw.usage()
+    stopped_at = time.monotonic()
+    os.kill(stall_pid, signal.SIGSTOP)
+    log(f"  node {stall_name} stopped (SIGSTOP); measuring idle CPU for {idle_window:g} s")
+    noticed: float | None = None
+    deadline = stopped_at + max(idle_window, keepalive * 5 + 10)
+    idle1 = None
+    try:
+        while time.monotonic() < deadline and (noticed is None or idle1 is None):
+            if idle1 is None and time.monotonic() - stopped_at >= idle_window:
+                idle1 = gw.usage()
+            if noticed is None and gw.get(f"/tunnels/{stall_name}")["state"] != "up":
+                noticed = time.monotonic() - stopped_at
+            time.sleep(0.25)
+    finally:
+        os.kill(stall_pid, signal.SIGCONT)
+    idle1 = idle1 or gw.usage()
+    idle_cpu = procs.cpu_percent(idle0, idle1)
+    log(f"  idle CPU {idle_cpu:.2f}% of one core over {idle1.at - idle0.at:.0f} s; stopped node noticed after "
+        f"{noticed if noticed is None else round(noticed, 1)} s (keepalive {keepalive:g} s x 3)")
+    return {"idle_cpu_percent": round(idle_cpu, 2), "idle_window_s": round(idle1.at - idle0.at, 1),
+            "keepalive_interval_s": keepalive, "keepalive_count_max": 3,
+            "notice_seconds": None if noticed is None else round(noticed, 1)}
 
 
 def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: float, idle_window: float,
-            streams: int, hold: float, log: Any, storm: bool = False) -> dict[str, Any]:
+            streams: int, hold: float, log: Any, storm: bool = False, parts: tuple[str, ...] = PARTS
+            ) -> dict[str, Any]:
     """One scale point: N nodes (the last one is the one that stops answering)."""
     workers: list[Any] = []
     gw: GatewayProcess | None = None
@@ -196,8 +238,10 @@ def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: f
             procs.wait_line(w, b"READY", 300)
         log(f"N={n}: {n} simulated nodes in {len(workers)} processes ready in {time.monotonic() - t0:.1f} s")
         nodes = [NodeEntry(simnodes.name(i), simnodes.address(i), SSH_PORT) for i in range(n)]
+        gc_interval = os.environ.get("BENCH_GATEWAY_GC_INTERVAL")  # an A/B of [gc]: "0" is CPython's own settings
         settings = GatewaySettings(user="root", private_key=key, known_hosts=known_hosts,
-                                   keepalive_interval=keepalive, keepalive_count_max=3, health_enabled=False)
+                                   keepalive_interval=keepalive, keepalive_count_max=3, health_enabled=False,
+                                   gc_full_collection_interval=None if gc_interval is None else float(gc_interval))
         gdir = workdir / f"gw-{n}"
         gdir.mkdir()
         gw = GatewayProcess(gdir, settings)
@@ -214,37 +258,17 @@ def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: f
         log(f"  gateway RSS {base.rss / 2**20:.1f} MiB empty -> {loaded.rss / 2**20:.1f} MiB: "
             f"{rss_per / KiB:.1f} KiB per tunnel")
 
-        # Idle CPU (keepalives only), while one node stops answering.
-        idle0 = gw.usage()
-        stopped_at = time.monotonic()
-        stall_name = nodes[-1].name
-        os.kill(stall.pid, signal.SIGSTOP)
-        log(f"  node {stall_name} stopped (SIGSTOP); measuring idle CPU for {idle_window:g} s")
-        noticed: float | None = None
-        deadline = stopped_at + max(idle_window, keepalive * 5 + 10)
-        idle1 = None
-        while time.monotonic() < deadline and (noticed is None or idle1 is None):
-            if idle1 is None and time.monotonic() - stopped_at >= idle_window:
-                idle1 = gw.usage()
-            if noticed is None and gw.get(f"/tunnels/{stall_name}")["state"] != "up":
-                noticed = time.monotonic() - stopped_at
-            time.sleep(0.25)
-        idle1 = idle1 or gw.usage()
-        idle_cpu = procs.cpu_percent(idle0, idle1)
-        log(f"  idle CPU {idle_cpu:.2f}% of one core over {idle1.at - idle0.at:.0f} s; stopped node noticed after "
-            f"{noticed if noticed is None else round(noticed, 1)} s (keepalive {keepalive:g} s x 3)")
-        os.kill(stall.pid, signal.SIGCONT)
         out: dict[str, Any] = {
             "nodes": n, "sim_processes": len(workers), "up_seconds": round(up_seconds, 2),
             "gateway_rss_empty": base.rss, "gateway_rss_loaded": loaded.rss,
             "rss_per_tunnel_kib": round(rss_per / KiB, 1),
-            "idle_cpu_percent": round(idle_cpu, 2), "idle_window_s": round(idle1.at - idle0.at, 1),
-            "keepalive_interval_s": keepalive, "keepalive_count_max": 3,
-            "notice_seconds": None if noticed is None else round(noticed, 1),
+            "idle_cpu_percent": None, "notice_seconds": None,
         }
-        if storm:
+        if "idle" in parts:
+            out.update(_idle(gw, stall.pid, nodes[-1].name, keepalive, idle_window, log))
+        if storm and "storm" in parts:
             gw, out["restart_storm"] = _storm(gw, n, nodes, settings, gdir, log)
-        if streams:
+        if streams and "streams" in parts:
             log(f"  opening {streams} idle streams over {n - 1} tunnels")
             gw.wait_up(n - 1, timeout=60)
             out["streams"] = _streams(gw, nodes[:-1], streams, hold, log)
@@ -278,7 +302,7 @@ def ssh_client_memory(workdir: Path, key: Path, known_hosts: Path) -> dict[str, 
 
 
 def run(ns: list[int], *, keepalive: float, idle_window: float, streams: int, hold: float, log: Any,
-        storm_at: int = 0, keep: bool = False) -> dict[str, Any]:
+        storm_at: int = 0, keep: bool = False, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     """Every scale point, plus the ``ssh -N`` memory reference."""
     workdir = Path(tempfile.mkdtemp(prefix="tdscale", dir="/tmp"))
     try:
@@ -296,7 +320,7 @@ def run(ns: list[int], *, keepalive: float, idle_window: float, streams: int, ho
         for n in ns:
             points.append(run_one(n, workdir=workdir, key=key, known_hosts=known_hosts, keepalive=keepalive,
                                   idle_window=idle_window, streams=streams if n == stream_n else 0, hold=hold,
-                                  log=log, storm=n == storm_at))
+                                  log=log, storm=n == storm_at, parts=parts))
             p = points[-1]
             p["ssh_clients_rss_estimate"] = ssh_mem["rss"] * n
             p["ssh_clients_pss_estimate"] = ssh_mem["pss"] * n

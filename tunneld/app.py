@@ -32,6 +32,7 @@ from tunneld.certsd import CertsDaemon, load_static_tokens
 from tunneld.config import Config, Node, load_checked
 from tunneld.config.access import INSECURE_ANONYMOUS, check_proxy_access
 from tunneld.errors import ConfigError
+from tunneld.ops.collector import CollectorTuning
 from tunneld.ops.lifecycle import ReloadLog
 from tunneld.ops.metrics import InstrumentedDialer, Metrics
 from tunneld.ops.readiness import HealthChecks, TunnelSync
@@ -114,8 +115,12 @@ class Gateway:
         self.certs = CertsDaemon(config) if config.api is not None else None
         """The certificates API, store and signer; only with ``[api]``."""
         self.pool = Pool(config.ssh, config.health, max_channels=config.limits.max_channels_per_tunnel)
+        self.collector = CollectorTuning(config.gc_full_collection_interval)
+        """The garbage collector's tuning: started by :func:`tunneld.ops.lifecycle.serve` (the process's owner), not
+        by :meth:`start`, so a gateway built inside another program leaves that program's collector alone."""
         self.metrics = Metrics(self.pool, self.csr_counts,
-                               self.certs.store.endpoint_health if self.certs is not None else None)
+                               self.certs.store.endpoint_health if self.certs is not None else None,
+                               self.collector.snapshot)
         self.unchecked_dialer = InstrumentedDialer(TunnelDialer(self.pool, config.dial), self.metrics)
         """Metrics, then the tunnels: for the gateway's own requests (the dev cluster's self-check), never a front's."""
         self.dialer = PolicyDialer(self.unchecked_dialer, build_policy(config))
@@ -203,6 +208,7 @@ class Gateway:
             "inventory": self.kube.snapshot() if self.kube is not None else {"source": "file"},
             "proxy_authz": self.api_front.authz.source,
             "warnings": self.warnings(),
+            "gc": self.collector.snapshot(),
         }
 
     async def start(self) -> None:
@@ -272,13 +278,16 @@ class Gateway:
             log.warning("listener and limit settings take effect on restart, not on reload")
         if (new.inventory_source, new.kubernetes) != (self.config.inventory_source, self.config.kubernetes):
             log.warning("[inventory] source settings take effect on restart, not on reload")
+        if new.gc_full_collection_interval != self.config.gc_full_collection_interval:
+            log.warning("[gc] settings take effect on restart, not on reload")
         changed = self.pool.configure(new.ssh, new.health)
         if changed:
             log.info("settings changed: %s; each applies to every tunnel from its next connection attempt, "
                      "probe or connection", ", ".join(changed))
         self.sync.max_age = new.health.sync_max_age
         self.config = replace(new, status=self.config.status, egress=self.config.egress, proxy=self.config.proxy,
-                              limits=self.config.limits)
+                              limits=self.config.limits,
+                              gc_full_collection_interval=self.config.gc_full_collection_interval)
         change = self._apply_inventory()
         retried = self.pool.retry_parked()  # changed or not: a reload is how an operator says "try again"
         if retried:

@@ -50,7 +50,8 @@ def serve(config: str, grace: float) -> None:
     from tunneld.tunnels.k8s_watch import KubeInventoryError
 
     async def main_() -> None:
-        await lifecycle.serve(Gateway(cfg), grace)
+        gateway = Gateway(cfg)
+        await lifecycle.serve(gateway, grace, collector=gateway.collector)
 
     try:
         lifecycle.run(main_())

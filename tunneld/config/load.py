@@ -23,6 +23,7 @@ from tunneld.config.reader import Section, read_toml
 from tunneld.config.schema import Config, Node
 from tunneld.config.sections import (
     dial_section,
+    gc_section,
     health_section,
     inventory_section,
     kubelet_section,
@@ -72,7 +73,8 @@ def _load(path: Path) -> tuple[Config, list[str]]:
         kubelet=kubelet_section(table("kubelet")), policy=policy_section(table("policy")),
         limits=limits_section(table("limits")), inventory_file=inventory_file, inventory_source=inventory_source,
         kubernetes=kubernetes, services=tuple(services_section(top.get("services", list, []), base, problems)),
-        log_level=log_level, log_format=log_format, ca=ca, api=api, auth=auth, authz=authz, csr=csr,
+        log_level=log_level, log_format=log_format, gc_full_collection_interval=gc_section(table("gc")), ca=ca,
+        api=api, auth=auth, authz=authz, csr=csr,
         dialin=dialin_section(table("dialin"), "dialin" in data),
     )
     nodes = parse_nodes(top.get("nodes", list, []), base, problems) if "nodes" in data else []

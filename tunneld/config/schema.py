@@ -319,6 +319,9 @@ class Config:
     services: tuple[ServiceSettings, ...] = ()
     log_level: str = "info"
     log_format: str = "logfmt"
+    gc_full_collection_interval: float = 300.0
+    """``[gc] full_collection_interval``: seconds between scheduled full garbage collections once started (automatic
+    ones off, start-up objects frozen: :mod:`tunneld.ops.collector`); 0 leaves CPython's collector as it is."""
     ca: CASettings | None = None
     api: APISettings | None = None
     auth: AuthSettings = field(default_factory=AuthSettings)

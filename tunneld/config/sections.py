@@ -1,5 +1,5 @@
 """One loader per section of the daemon's core: ``[ssh]``, ``[health]``, ``[dial]``, ``[status]``, ``[kubelet]``,
-``[policy]``, ``[limits]``, ``[log]`` and ``[inventory]``.
+``[policy]``, ``[limits]``, ``[gc]``, ``[log]`` and ``[inventory]``.
 
 Each takes its table as a :class:`~tunneld.config.reader.Section`, records every mistake, and returns the frozen
 settings (with the default in place of a bad value, so that all mistakes are found in one pass).
@@ -144,6 +144,16 @@ def limits_section(li: Section) -> LimitSettings:
         li.problem("stream_max_lifetime", f"{limits.stream_max_lifetime:g} is less than 0 (0: no limit)")
     li.unknown()
     return limits
+
+
+def gc_section(g: Section) -> float:
+    """``[gc]``: seconds between the scheduled full garbage collections (0: CPython's own collector settings)."""
+    interval = g.number("full_collection_interval", 300.0, above=None)
+    g.unknown()
+    if interval < 0:
+        g.problem("full_collection_interval", f"{interval:g} is less than 0 (0: CPython's defaults)")
+        return 300.0
+    return interval
 
 
 def log_section(lg: Section) -> tuple[str, str]:

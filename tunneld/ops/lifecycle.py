@@ -122,6 +122,14 @@ class Signals:
             loop.remove_signal_handler(sig)
 
 
+class Collector(Protocol):
+    """The garbage collector's tuning (:class:`tunneld.ops.collector.CollectorTuning`)."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Service(Protocol):
     """What :func:`serve` runs: the gateway, or anything with the same lifecycle."""
 
@@ -132,8 +140,10 @@ class Service(Protocol):
     async def stop(self, grace: float = ...) -> None: ...
 
 
-async def serve(service: Service, grace: float, notifier: Notifier | None = None) -> None:
-    """Start ``service``, tell the service manager READY, serve until SIGTERM/SIGINT, then stop it gracefully.
+async def serve(service: Service, grace: float, notifier: Notifier | None = None,
+                collector: Collector | None = None) -> None:
+    """Start ``service``, tune the garbage ``collector`` (once everything built at start-up exists), tell the service
+    manager READY, serve until SIGTERM/SIGINT, then stop it gracefully.
 
     SIGHUP reloads (announced as RELOADING=1 ... READY=1); the watchdog pings while the loop runs.
     """
@@ -142,6 +152,8 @@ async def serve(service: Service, grace: float, notifier: Notifier | None = None
     signals = Signals(service.reload, notifier)
     try:
         await service.start()
+        if collector is not None:
+            collector.start()
         notifier.ready("serving")
         watchdog.start()
         await signals.stop.wait()
@@ -153,5 +165,7 @@ async def serve(service: Service, grace: float, notifier: Notifier | None = None
             await service.stop(grace)  # the handlers stay: a second SIGTERM during the drain exits at once
         finally:
             signals.close()
+            if collector is not None:
+                await collector.stop()
             await watchdog.stop()
             notifier.close()

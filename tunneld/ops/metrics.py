@@ -4,7 +4,8 @@ Two kinds of families:
 
 - read at scrape time from the pool (a custom collector, so nothing can drift from what ``tunneld status`` shows):
   tunnels by state, open channels and bytes per node, the last health-probe result and latency per node, and CSR
-  counts by state when the gateway has a CSR store (``csr_counts`` callable);
+  counts by state when the gateway has a CSR store (``csr_counts`` callable), and the garbage collector's tuning and
+  full collections (``tunneld_gc_*``, :mod:`tunneld.ops.collector`);
 - counted as things happen: tunnel connects and connect failures (from the pool's state-change listeners) and the
   dial latency histogram with dial errors by kind (from :class:`InstrumentedDialer`, which wraps the dialer the fronts
   use).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -98,11 +100,39 @@ class _PoolCollector(Collector):
             return None
 
 
+class _GCCollector(Collector):
+    """The garbage collector's settings and full collections (:mod:`tunneld.ops.collector`)."""
+
+    def __init__(self, facts: Callable[[], Mapping[str, Any]]) -> None:
+        self._facts = facts
+
+    def collect(self) -> Iterator[Metric]:
+        f = self._facts()
+        yield GaugeMetricFamily("tunneld_gc_tuned", "1 once the collector is tuned (start-up objects frozen, full "
+                                "collections on a schedule), 0 with CPython's defaults.", value=1 if f["tuned"] else 0)
+        yield GaugeMetricFamily("tunneld_gc_frozen_objects", "Objects the collector no longer traverses (gc.freeze).",
+                                value=f["frozen_objects"])
+        thresholds = GaugeMetricFamily("tunneld_gc_threshold", "The collector's threshold per generation.",
+                                       labels=["generation"])
+        collections = CounterMetricFamily("tunneld_gc_collections", "Collections per generation since start.",
+                                          labels=["generation"])
+        for gen, (threshold, count) in enumerate(zip(f["thresholds"], f["collections"], strict=True)):
+            thresholds.add_metric([str(gen)], threshold)
+            collections.add_metric([str(gen)], count)
+        yield from (thresholds, collections)
+        yield CounterMetricFamily("tunneld_gc_full_collection_seconds", "Time spent in full (generation 2) "
+                                  "collections since the tuning started.", value=f["full_collection_seconds"])
+        yield GaugeMetricFamily("tunneld_gc_longest_full_collection_seconds", "The longest full collection (the "
+                                "longest the event loop stood still for the collector).",
+                                value=f["longest_full_collection_seconds"])
+
+
 class Metrics:
     """The gateway's metrics registry and the instruments fed as things happen."""
 
     def __init__(self, pool: Pool, csr_counts: Callable[[], Mapping[str, int]] | None = None,
-                 store_health: Callable[[], Mapping[str, bool]] | None = None) -> None:
+                 store_health: Callable[[], Mapping[str, bool]] | None = None,
+                 gc_facts: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.connects = Counter("tunneld_tunnel_connects", "Successful SSH connections to nodes.",
                                 registry=self.registry)
@@ -116,6 +146,8 @@ class Metrics:
         self.dial_errors = Counter("tunneld_dial_errors", "Failed dials by error (e.g. TunnelDown, DialTimeout).",
                                    labelnames=["error"], registry=self.registry)
         self.registry.register(_PoolCollector(pool, csr_counts, store_health))
+        if gc_facts is not None:
+            self.registry.register(_GCCollector(gc_facts))
         pool.listeners.append(self._on_change)
 
     def _on_change(self, tunnel: Tunnel, before: State, after: State) -> None:
