@@ -163,10 +163,9 @@ class GatewayProcess:
         return body if raw else json.loads(body)
 
     def states(self) -> dict[str, int]:
-        """How many tunnels are in each state."""
-        counts: dict[str, int] = {}
-        for t in self.get("/tunnels")["tunnels"]:
-            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        """How many tunnels are in each state (the gateway's count: polling the whole tunnel list, 5,000 entries,
+        four times a second would cost the gateway a tenth of its CPU while it is measured)."""
+        counts: dict[str, int] = self.get("/gateway")["states"]
         return counts
 
     def wait_up(self, count: int, timeout: float, poll: float = 0.5) -> float:

@@ -200,6 +200,7 @@ class Gateway:
             "reload": self.reloads.snapshot(),
             "config": str(self.config.path) if self.config.path else None,
             "nodes": len(self.pool.tunnels),
+            "states": self.pool.states(),
             "host_key_check": "disabled" if self.config.ssh.insecure_skip_host_key_check else "strict",
             "kubelet_tls": "verified" if self.kubelet_tls_verified else "unverified",
             "egress_connections": self.egress.connections,

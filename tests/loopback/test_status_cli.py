@@ -59,6 +59,9 @@ async def test_table_colour_json_and_detail(cluster: DevCluster, short_dir: Path
         data = json.loads(out)
         assert sorted(t["node"] for t in data["tunnels"]) == ["node-1", "node-2", "node-3"]
         assert data["gateway"]["nodes"] == 3
+        by_state = data["gateway"]["states"]  # the counts agree with the list they summarise
+        assert sum(by_state.values()) == 3 and by_state.get("up") == 2
+        assert by_state == {s: sum(1 for t in data["tunnels"] if t["state"] == s) for s in by_state}
 
         code, out, _ = await cli("--socket", str(sock), "node-2")
         fields = {line[:12].strip(): line[12:].strip() for line in out.splitlines()}

@@ -380,6 +380,15 @@ class Pool:
     def snapshot(self) -> list[dict[str, Any]]:
         return [t.snapshot() for t in sorted(self.tunnels.values(), key=lambda t: t.node.name)]
 
+    def states(self) -> dict[str, int]:
+        """How many tunnels are in each state (only states some tunnel is in): what the whole :meth:`snapshot`
+        would tell, for a thousandth of its cost at thousands of tunnels."""
+        counts: dict[str, int] = {}
+        for t in self.tunnels.values():
+            state = t.machine.state.value
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
     @property
     def open_channels(self) -> int:
         """Channels open now, through current tunnels and through tunnels already removed or stopped."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +74,28 @@ class _Client(asyncssh.SSHClient):
             self.lost.set_result(_describe(exc) if exc else "connection closed")
 
 
+_PARSED: dict[tuple[str, str], tuple[tuple[int, int, int], Any]] = {}
+"""Key and known_hosts files as parsed, by (what, path), with the (mtime, size, inode) they were parsed at."""
+
+
+def _parsed(what: str, path: Path, parse: Callable[[str], Any]) -> Any:
+    """``parse(path)``, parsed once per version of the file: thousands of tunnels connecting at once (a restart)
+    share one parse of the same key and known_hosts, and a file replaced on disk is parsed again at the next
+    connection. Raises what ``os.stat`` and ``parse`` raise."""
+    st = os.stat(path)
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _PARSED.get((what, str(path)))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = parse(str(path))
+    _PARSED[(what, str(path))] = (stamp, value)
+    return value
+
+
 def _known_hosts(node: Node, ssh: SSHSettings) -> Any:
     if node.host_key is not None:
         try:
-            key = asyncssh.read_public_key(str(node.host_key))
+            key = _parsed("public_key", node.host_key, asyncssh.read_public_key)
         except (OSError, asyncssh.KeyImportError) as exc:
             raise HostKeyRejected(f"cannot read pinned host key {node.host_key}: {exc}") from exc
         return ([key], [], [])
@@ -83,7 +103,7 @@ def _known_hosts(node: Node, ssh: SSHSettings) -> Any:
     if path is None:
         return None
     try:
-        return asyncssh.read_known_hosts(str(path))
+        return _parsed("known_hosts", path, asyncssh.read_known_hosts)
     except (OSError, ValueError) as exc:
         raise HostKeyRejected(f"cannot read known_hosts {path}: {exc}") from exc
 
@@ -119,9 +139,9 @@ def _client_keys(ssh: SSHSettings) -> list[Any]:
     if ssh.private_key is None:
         raise AuthFailed("no ssh.private_key configured")
     try:
-        key = asyncssh.read_private_key(str(ssh.private_key))
+        key = _parsed("private_key", ssh.private_key, asyncssh.read_private_key)
         if ssh.certificate is not None:
-            return [(key, asyncssh.read_certificate(str(ssh.certificate)))]
+            return [(key, _parsed("certificate", ssh.certificate, asyncssh.read_certificate))]
         return [key]
     except (OSError, asyncssh.KeyImportError) as exc:
         raise AuthFailed(f"cannot load client key: {exc}") from exc
@@ -203,6 +223,8 @@ async def connect(node: Node, ssh: SSHSettings, counters: Counters | None = None
             keepalive_interval=ssh.keepalive_interval,
             keepalive_count_max=ssh.keepalive_count_max,
             encryption_algs=ENCRYPTION_ALGS,
+            x509_trusted_certs=None,  # no X.509 (asyncssh would look for ~/.ssh/ca-bundle.crt and ~/.ssh/crt)
+            x509_trusted_cert_paths=[],
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         raise HostKeyRejected(f"host key of {node.address}:{node.ssh_port} not trusted: {exc.reason}") from exc
