@@ -50,7 +50,8 @@ class GatewaySettings:
     """A bearer token (user ``bench``, in ``system:masters``) for the proxy front; written to ``tokens.csv``."""
     max_connections: int = 20_000
     max_channels_per_tunnel: int = 20_000
-    max_concurrent_connects: int = 64
+    max_concurrent_connects: int | None = None
+    """``[ssh] max_concurrent_connects`` (None: the daemon's default)."""
     grpc: bool = False
     gc_full_collection_interval: float | None = None
     """``[gc] full_collection_interval`` (None: the daemon's default; 0: CPython's own collector settings)."""
@@ -77,8 +78,9 @@ def write_config(workdir: Path, s: GatewaySettings) -> Path:
     text = (
         f'[ssh]\nuser = "{s.user}"\nprivate_key = "{s.private_key}"\nknown_hosts = "{s.known_hosts}"\n'
         f"keepalive_interval = {s.keepalive_interval}\nkeepalive_count_max = {s.keepalive_count_max}\n"
-        f"connect_timeout = 30\nmax_concurrent_connects = {s.max_concurrent_connects}\n"
-        "backoff_initial = 0.5\nbackoff_max = 5\n\n"
+        "connect_timeout = 30\n"
+        + ("" if s.max_concurrent_connects is None else f"max_concurrent_connects = {s.max_concurrent_connects}\n")
+        + "backoff_initial = 0.5\nbackoff_max = 5\n\n"
         f'[health]\nenabled = {"true" if s.health_enabled else "false"}\nperiod = {s.health_period}\n'
         f'timeout = 5\nhost = "127.0.0.1"\nport = {s.health_port}\n\n'
         f'[status]\nsocket = "{workdir / "status.sock"}"\n\n'

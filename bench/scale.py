@@ -164,26 +164,30 @@ def _streams(gw: GatewayProcess, nodes: list[NodeEntry], count: int, hold: float
 
 
 def _storm(gw: GatewayProcess, n: int, nodes: list[NodeEntry], settings: GatewaySettings, gdir: Path,
-           log: Any) -> tuple[GatewayProcess, dict[str, Any]]:
-    """Restart the gateway with ``n`` nodes up; time until all are up again. Returns the new gateway process."""
+           sims: list[int], log: Any) -> tuple[GatewayProcess, dict[str, Any]]:
+    """Restart the gateway with ``n`` nodes up; time until all are up again, and the CPU the gateway and the
+    simulated nodes (processes ``sims``) spent meanwhile. Returns the new gateway process."""
     gw.wait_up(n, timeout=120)  # the node that was stopped is back
     gw.stop()
     sdir = gdir.with_name(gdir.name + "-restart")
     sdir.mkdir()
     again = GatewayProcess(sdir, settings, nodes)
+    sims0 = sum(procs.usage(pid).cpu_seconds for pid in sims)
     t0 = time.monotonic()
     try:
         again.start(timeout=60)
+        answering = time.monotonic() - t0
         up_at = again.wait_up(n, timeout=300, poll=0.25)
     except BaseException:
         again.stop()
         raise
     seconds = up_at - t0
-    usage = again.usage()
-    log(f"  restart storm: gateway restarted with {n} nodes, all up again in {seconds:.1f} s "
-        f"(gateway CPU {usage.cpu_seconds:.1f} s)")
-    return again, {"nodes": n, "all_up_again_seconds": round(seconds, 2),
-                   "gateway_cpu_seconds": round(usage.cpu_seconds, 2)}
+    cpu = again.usage().cpu_seconds
+    sims_cpu = sum(procs.usage(pid).cpu_seconds for pid in sims) - sims0
+    log(f"  restart storm: gateway restarted with {n} nodes, all up again in {seconds:.1f} s (status API answering "
+        f"after {answering:.1f} s; CPU: gateway {cpu:.1f} s, simulated nodes {sims_cpu:.1f} s)")
+    return again, {"nodes": n, "all_up_again_seconds": round(seconds, 2), "answering_seconds": round(answering, 2),
+                   "gateway_cpu_seconds": round(cpu, 2), "sim_nodes_cpu_seconds": round(sims_cpu, 2)}
 
 
 def _idle(gw: GatewayProcess, stall_pid: int, stall_name: str, keepalive: float, idle_window: float,
@@ -238,10 +242,13 @@ def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: f
             procs.wait_line(w, b"READY", 300)
         log(f"N={n}: {n} simulated nodes in {len(workers)} processes ready in {time.monotonic() - t0:.1f} s")
         nodes = [NodeEntry(simnodes.name(i), simnodes.address(i), SSH_PORT) for i in range(n)]
-        gc_interval = os.environ.get("BENCH_GATEWAY_GC_INTERVAL")  # an A/B of [gc]: "0" is CPython's own settings
+        # A/B of settings (unset: the daemon's defaults): BENCH_GATEWAY_GC_INTERVAL ("0": CPython's own collector
+        # settings) and BENCH_GATEWAY_CONNECTS (the bound on connection attempts under way).
+        gc_interval, connects = os.environ.get("BENCH_GATEWAY_GC_INTERVAL"), os.environ.get("BENCH_GATEWAY_CONNECTS")
         settings = GatewaySettings(user="root", private_key=key, known_hosts=known_hosts,
                                    keepalive_interval=keepalive, keepalive_count_max=3, health_enabled=False,
-                                   gc_full_collection_interval=None if gc_interval is None else float(gc_interval))
+                                   gc_full_collection_interval=None if gc_interval is None else float(gc_interval),
+                                   max_concurrent_connects=None if connects is None else int(connects))
         gdir = workdir / f"gw-{n}"
         gdir.mkdir()
         gw = GatewayProcess(gdir, settings)
@@ -267,7 +274,7 @@ def run_one(n: int, *, workdir: Path, key: Path, known_hosts: Path, keepalive: f
         if "idle" in parts:
             out.update(_idle(gw, stall.pid, nodes[-1].name, keepalive, idle_window, log))
         if storm and "storm" in parts:
-            gw, out["restart_storm"] = _storm(gw, n, nodes, settings, gdir, log)
+            gw, out["restart_storm"] = _storm(gw, n, nodes, settings, gdir, [w.pid for w in workers], log)
         if streams and "streams" in parts:
             log(f"  opening {streams} idle streams over {n - 1} tunnels")
             gw.wait_up(n - 1, timeout=60)

@@ -44,7 +44,10 @@ class SSHSettings:
     connect_timeout: float = 10.0
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
-    max_concurrent_connects: int = 64
+    max_concurrent_connects: int = 256
+    """Connection attempts (TCP, key exchange, login) under way at once. Each node's sshd sees one at a time either
+    way; this bounds the gateway's own load. An attempt mostly waits on round trips, so a restart with 5,000 nodes
+    came back in 13 s at 256 and 21 s at 64 (Performance)."""
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     backoff_multiplier: float = 2.0

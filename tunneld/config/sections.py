@@ -35,7 +35,7 @@ def ssh_section(s: Section) -> SSHSettings:
         connect_timeout=s.number("connect_timeout", 10.0),
         keepalive_interval=s.number("keepalive_interval", 15.0),
         keepalive_count_max=s.integer("keepalive_count_max", 3, minimum=1, maximum=100),
-        max_concurrent_connects=s.integer("max_concurrent_connects", 64, minimum=1, maximum=100_000),
+        max_concurrent_connects=s.integer("max_concurrent_connects", 256, minimum=1, maximum=100_000),
         backoff_initial=s.number("backoff_initial", 1.0),
         backoff_max=s.number("backoff_max", 60.0),
         backoff_multiplier=s.number("backoff_multiplier", 2.0, above=1.0),
