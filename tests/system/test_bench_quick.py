@@ -165,3 +165,22 @@ def test_the_deadline_stops_the_run_and_every_process(tmp_path: Path) -> None:
     _need_bench()
     rc, err = _interrupt_at(["--quick", "--only", "sshd", "--deadline", "20"], "nodes (", None, tmp_path)
     assert rc == 128 + signal.SIGALRM and "interrupted by signal 14" in err
+
+
+@pytest.mark.timeout(300)
+def test_scale_part_runs_only_the_named_measurements(tmp_path: Path) -> None:
+    """``--only scale --scale-part streams``: the idle streams and the status API's latency, without the idle-CPU
+    window (and its SIGSTOPped node) or the restart storm; what was left out is absent from results.json."""
+    _need_bench()
+    mark = uuid.uuid4().hex
+    proc = _start(["--quick", "--only", "scale", "--scale-part", "streams", "--out", str(tmp_path)], mark)
+    out, err = _finish(proc, 200)
+    assert proc.returncode == 0, err[-3000:]
+    assert _marked(mark) == []
+    assert "SIGSTOP" not in err and "restart storm" not in err
+    assert "status p99 while opening 1000 streams" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["command"] == "python -m bench --quick --only scale --scale-part streams"
+    point = results["scale"]["points"][0]
+    assert point["streams"]["opened"] == 1000 and point["streams"]["gateway_gc"]["tuned"] is True
+    assert point["idle_cpu_percent"] is None and point["notice_seconds"] is None and "restart_storm" not in point

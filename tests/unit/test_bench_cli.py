@@ -24,3 +24,12 @@ def test_missing_matplotlib_is_reported_before_measuring(tmp_path: Path) -> None
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - started < 30
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_scale_part_is_refused_before_measuring(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "scale", "--scale-part", "warmup", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "'warmup' is not one of 'idle', 'storm', 'streams'" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -3,11 +3,12 @@
 With CPython's default settings a full (generation 2) collection runs whenever enough objects have survived into the
 oldest generation, and it traverses every tracked object: with thousands of tunnels and streams that is over a
 million objects, and the event loop stalls for hundreds of milliseconds at a time, over and over while streams open.
-Once the daemon has started, :class:`CollectorTuning` therefore:
+Once the daemon has loaded its config and built itself, :class:`CollectorTuning` therefore:
 
-- collects once and freezes what is left (``gc.freeze()``): modules, classes, the config and the objects built at
-  start-up live as long as the process and are never traversed again (a frozen object is still freed by reference
-  counting when the last reference to it goes);
+- collects once and freezes what is left (``gc.freeze()``): modules, classes, the config and the gateway's
+  long-lived objects live as long as the process and are never traversed again (a frozen object is still freed by
+  reference counting when the last reference to it goes; :func:`tunneld.ops.lifecycle.serve` freezes before any
+  tunnel exists, so a node removed later leaves no frozen cycle behind);
 - raises only the oldest generation's threshold, so that allocation never triggers a full collection; young
   collections (generations 0 and 1) run as before, and most cyclic garbage dies young;
 - runs a full collection on a schedule instead (``[gc] full_collection_interval``), so cyclic garbage that made it
@@ -54,7 +55,7 @@ class CollectorTuning:
 
     def start(self) -> None:
         """Collect, freeze and raise the oldest generation's threshold; schedule full collections. Call it once the
-        daemon has started (its listeners bound, its config and inventory loaded)."""
+        config is loaded and the daemon's long-lived objects are built, before anything short-lived exists."""
         gc.callbacks.append(self._on_collection)
         if self.interval <= 0 or self.tuned:
             return

@@ -142,8 +142,9 @@ class Service(Protocol):
 
 async def serve(service: Service, grace: float, notifier: Notifier | None = None,
                 collector: Collector | None = None) -> None:
-    """Start ``service``, tune the garbage ``collector`` (once everything built at start-up exists), tell the service
-    manager READY, serve until SIGTERM/SIGINT, then stop it gracefully.
+    """Tune the garbage ``collector``, start ``service``, tell the service manager READY, serve until SIGTERM/SIGINT,
+    then stop it gracefully. The collector freezes what exists before ``service`` starts (modules, the config, the
+    service's objects): tunnels come later, so a node removed by a reload leaves nothing frozen behind.
 
     SIGHUP reloads (announced as RELOADING=1 ... READY=1); the watchdog pings while the loop runs.
     """
@@ -151,9 +152,9 @@ async def serve(service: Service, grace: float, notifier: Notifier | None = None
     watchdog = Watchdog(notifier, watchdog_interval())
     signals = Signals(service.reload, notifier)
     try:
-        await service.start()
         if collector is not None:
             collector.start()
+        await service.start()
         notifier.ready("serving")
         watchdog.start()
         await signals.stop.wait()
