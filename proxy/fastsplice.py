@@ -234,13 +234,16 @@ async def splice_in_callbacks(
     transport = sp.transport
     front = transport.get_protocol()
     # From here to the wait nothing yields: no byte of either side can arrive out of order.
+    transport.set_protocol(sp)  # first: a transport that fills from here on pauses the splice, never the front
+    transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
     if to_client:
-        transport.write(to_client)  # before what the stream has buffered, which attaching it writes
+        transport.write(to_client)  # before what the stream has buffered, which attaching it queues
         result.downstream_bytes += len(to_client)
-    transport.set_protocol(sp)
     stream_attached = attach(stream, sp)
     if stream_attached is None:
         transport.set_protocol(front)
+        if sp.client_full:
+            front.pause_writing()  # the transport will resume the front's protocol, which must know it is paused
         return None
     sp.stream = stream_attached
     SPLICES["callbacks"] += 1
@@ -264,7 +267,6 @@ async def splice_in_callbacks(
         sp.end()
 
     try:
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         buffered, client_eof = _take_buffered(reader)
         if not transport.is_reading() and not transport.is_closing():
             transport.resume_reading()  # the StreamReader may have paused it while full
