@@ -268,8 +268,8 @@ async def splice_in_callbacks(
 
     try:
         buffered, client_eof = _take_buffered(reader)
-        if not transport.is_reading() and not transport.is_closing():
-            transport.resume_reading()  # the StreamReader may have paused it while full
+        if not sp.reading_paused and not transport.is_reading() and not transport.is_closing():
+            transport.resume_reading()  # the StreamReader may have paused it while full (not the stream, attaching)
         for data in (to_stream, buffered):
             if data:
                 sp.data_received(data)

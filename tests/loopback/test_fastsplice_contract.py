@@ -64,11 +64,21 @@ class Front:
     stream: DrivenStream = field(default_factory=DrivenStream)
 
 
+class FullAtAttach(DrivenStream):
+    """A stream whose send side is already full when it is attached (an SSH channel with its window spent)."""
+
+    def attach(self, sink: StreamSink) -> DrivenStream:
+        super().attach(sink)
+        sink.stream_pause()
+        return self
+
+
 @pytest.fixture
-async def front() -> AsyncIterator[Front]:
+async def front(request: pytest.FixtureRequest) -> AsyncIterator[Front]:
     """The client sends a head line and more in one segment; the front reads the head only (the rest stays in its
-    StreamReader) and splices with bytes of its own for each side."""
-    stream = DrivenStream()
+    StreamReader) and splices with bytes of its own for each side (the stream: a DrivenStream, or the class given
+    by indirect parametrization)."""
+    stream: DrivenStream = getattr(request, "param", DrivenStream)()
     accepted: asyncio.Future[tuple[asyncio.StreamWriter, object, asyncio.Task[SpliceResult]]] = \
         asyncio.get_running_loop().create_future()
 
@@ -147,3 +157,16 @@ async def test_half_close_both_ways_then_the_splice_ends(front: Front) -> None:
     front.writer.write_eof()
     result = await asyncio.wait_for(front.task, 10)
     assert front.stream.eof and result.broken is None and front.stream.closed
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("front", [FullAtAttach], indirect=True)
+async def test_a_stream_full_when_attached_holds_the_client_back_until_it_resumes(front: Front) -> None:
+    assert await asyncio.wait_for(front.reader.readexactly(3), 10) == b"<C>"  # the splice is in place
+    assert front.stream.sink is not None
+    transport = front.server_writer.transport
+    assert not transport.is_reading()  # the client is not read while the stream takes nothing
+    front.writer.write(b"x" * 65536)
+    front.stream.sink.stream_resume()
+    await wait_for(lambda: bytes(front.stream.sent) == b"<T>buffered" + b"x" * 65536, 5, "the client read again")
+    assert transport.is_reading()
