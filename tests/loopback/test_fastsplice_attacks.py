@@ -1,5 +1,6 @@
 """The callback splice (:mod:`proxy.fastsplice`) through the gateway, against what is easy to get wrong: bytes the
-node sent with its 101 that a congested client does not take."""
+node sent with its 101 that a congested client does not take, a node that ends and closes its channel while the
+client is held back."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tunneld.dev.cluster import DevCluster
 from ..proxyauth import bearer_of
 from ..waiting import wait_for
 from .conftest import source_stalls, started
-from .test_fastsplice import PACKET, UPGRADE_PORT, MiB, config
+from .test_fastsplice import DEAF_PORT, PACKET, UPGRADE_PORT, MiB, config, connect, gateway_side
 from .test_stream_ends import all_released
 
 
@@ -28,6 +29,60 @@ async def gw(cluster: DevCluster, short_dir: Path) -> AsyncIterator[Gateway]:
         yield gateway
     finally:
         await gateway.stop()
+
+
+async def upload(writer: asyncio.StreamWriter, sent: list[int]) -> str:
+    """Send until the connection fails (at most 1 GiB): how it failed."""
+    try:
+        for _ in range(1024):
+            writer.write(b"u" * MiB)
+            await writer.drain()
+            sent[0] += MiB
+    except ConnectionError as exc:
+        return type(exc).__name__
+    return "sent everything"
+
+
+async def test_node_that_ends_and_closes_while_the_client_is_held_back_resets_the_client(
+        gw: Gateway, cluster: DevCluster) -> None:
+    """The node answers early and goes away (its end of data, then the channel's close) while the client's upload
+    is held back on a spent window: the client must not be left paused with nobody reading it. Its upload did not
+    arrive, so it gets a reset, as from a TCP peer that closed."""
+    answer = asyncio.Event()
+    go_away = asyncio.Event()
+    node_writers: list[asyncio.StreamWriter] = []
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        node_writers.append(writer)
+        await answer.wait()
+        writer.write(b"413 too large")
+        writer.write_eof()
+        await go_away.wait()
+        writer.transport.abort()  # unread bytes: the node's kernel resets, its sshd closes the channel
+
+    node = cluster.sim_nodes[0]
+    server = await asyncio.start_server(early, node.address, DEAF_PORT)
+    try:
+        reader, writer = await connect(gw, f"{node.address}:{DEAF_PORT}", "tcp")
+        sent = [0]
+        uploading = asyncio.create_task(upload(writer, sent))
+        try:
+            await wait_for(lambda: not gateway_side(gw).is_reading(), 20, "the gateway holding the client back")
+            answer.set()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b"413 too large"  # the node's end, as an end
+            go_away.set()
+            assert await asyncio.wait_for(uploading, 10) in ("ConnectionResetError", "BrokenPipeError")
+        finally:
+            uploading.cancel()
+            await asyncio.gather(uploading, return_exceptions=True)
+        writer.close()
+        await all_released(gw)
+    finally:
+        go_away.set()
+        answer.set()
+        for w in node_writers:
+            w.transport.abort()
+        server.close()
 
 
 async def test_bytes_the_node_sent_with_its_101_that_the_client_does_not_take_hold_back_the_node(

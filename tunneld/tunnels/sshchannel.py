@@ -141,11 +141,15 @@ class Session(asyncssh.SSHTCPSession[bytes]):
         if exc is not None and self.error is None:
             self.error = exc if isinstance(exc, Exception) else StreamError(describe(exc))
         self.eof = True
-        self.writing_paused = False  # nothing will resume it: a writer must not wait any longer
+        was_paused, self.writing_paused = self.writing_paused, False  # nothing will resume it: no writer may wait
         self._wake_reader()
         self._wake_writer()
         if broken and self.sink is not None and self.error is not None:
             self.sink.stream_broke(self.broke(self.error))
+        elif was_paused and self.sink is not None:
+            # Closed after the node's end of data with our data still queued: the sink must not wait either (its
+            # next send finds the channel closed, its end of data ends the splice).
+            self.sink.stream_resume()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
