@@ -1,25 +1,30 @@
 """The callback splice (:mod:`proxy.fastsplice`) through the gateway, against what is easy to get wrong: bytes the
 node sent with its 101 that a congested client does not take, a node that ends and closes its channel while the
-client is held back."""
+client is held back or sending, the client's bytes and end in the front's buffer at the switch, a stream held back
+both ways and cut, a half-closed client that never reads, and many streams cut at random."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from proxy.fastsplice import BATCH, HIGH_WATER, SpliceProtocol
+from proxy.splice import SPLICES
 from tunneld.app import Gateway
 from tunneld.dev.cluster import DevCluster
 
 from ..proxyauth import bearer_of
 from ..waiting import wait_for
-from .conftest import source_stalls, started
-from .test_fastsplice import DEAF_PORT, PACKET, UPGRADE_PORT, MiB, config, connect, gateway_side
-from .test_stream_ends import all_released
+from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, source_stalls, started
+from .test_fastsplice import DEAF_PORT, HALF_PORT, PACKET, UPGRADE_PORT, MiB, config, connect, gateway_side
+from .test_stream_ends import all_released, outcome
 
 
 @pytest.fixture
@@ -151,3 +156,160 @@ def gateway_side_of(gw: Gateway) -> asyncio.Transport:
     transport = writers[0].transport
     assert isinstance(transport, asyncio.Transport)
     return transport
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_head_bytes_and_end_in_one_write_all_reach_the_node_and_come_back(
+        gw: Gateway, cluster: DevCluster, node_servers: NodeServers, over: str) -> None:
+    """The client's bytes and its end of data are in the front's buffer when the splice takes over."""
+    node = cluster.sim_nodes[0]
+    if over == "tcp":
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.egress.ports[0])
+    else:
+        reader, writer = await asyncio.open_unix_connection(str(gw.config.egress.socket))
+    payload = bytes(range(256)) * 1000
+    writer.write(f"CONNECT {node.address}:{ECHO_PORT} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() + payload)
+    writer.write_eof()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert await asyncio.wait_for(reader.read(-1), 10) == payload  # all of it, then the echo's end
+    writer.close()
+    await all_released(gw)
+
+
+async def test_a_tcp_client_that_sends_and_closes_at_once_still_delivers_its_bytes(gw: Gateway,
+                                                                                  cluster: DevCluster) -> None:
+    got: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read(-1))
+        try:
+            writer.write(b"answer" * 10000)  # to a client that is gone
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    node = cluster.sim_nodes[1]
+    server = await asyncio.start_server(record, node.address, HALF_PORT)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.egress.ports[0])
+        payload = b"p" * 300_000
+        writer.write(f"CONNECT {node.address}:{HALF_PORT} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() + payload)
+        await writer.drain()
+        writer.close()
+        await wait_for(lambda: got == [payload], 10, "the node received everything and the end")
+        await all_released(gw)
+    finally:
+        server.close()
+
+
+async def test_a_node_that_ends_and_closes_as_the_client_sends_resets_the_client(gw: Gateway,
+                                                                                 cluster: DevCluster) -> None:
+    """The node's end and close race the client's upload: the client reads the node's end, and its upload (which did
+    not all arrive) is reset; nothing is held, every time."""
+    async def quick(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"bye")
+        writer.write_eof()
+        writer.transport.abort()
+
+    node = cluster.sim_nodes[1]
+    server = await asyncio.start_server(quick, node.address, HALF_PORT)
+    try:
+        for _ in range(10):
+            _, writer = await connect(gw, f"{node.address}:{HALF_PORT}", "tcp")
+            assert await asyncio.wait_for(upload(writer, [0]), 10) in ("ConnectionResetError", "BrokenPipeError")
+            writer.close()
+            await all_released(gw)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("how", ["lifetime", "node_stops"])
+async def test_a_stream_held_back_both_ways_is_cut_with_a_reset(cluster: DevCluster, short_dir: Path,
+                                                                how: str) -> None:
+    """Neither the client nor the node reads; the stream reaches its lifetime, or the node's sshd goes away."""
+    node_writers: list[asyncio.StreamWriter] = []
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        node_writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1024):
+                writer.write(b"n" * MiB)
+                await writer.drain()
+
+    limits = {"stream_max_lifetime": 1.5} if how == "lifetime" else {}
+    gateway = await started(config(cluster, short_dir / "egress.sock", **limits))
+    node = cluster.sim_nodes[2]
+    server = await asyncio.start_server(flood, node.address, DEAF_PORT)
+    try:
+        _, writer = await connect(gateway, f"{node.address}:{DEAF_PORT}", "tcp")
+        uploading = asyncio.create_task(upload(writer, [0]))
+        try:
+            await wait_for(lambda: not gateway_side(gateway).is_reading(), 20, "the client held back")
+            splice = gateway_side(gateway).get_protocol()
+            assert isinstance(splice, SpliceProtocol)
+            await wait_for(lambda: splice.client_full, 20, "the client's transport full")
+            chan = splice.stream._chan  # type: ignore[union-attr]  # the ChannelStream's asyncssh channel
+            assert chan.get_write_buffer_size() <= 64 * 1024 + 256 * 1024  # its mark and one read from the client
+            if how == "node_stops":
+                await node.stop()
+            assert await asyncio.wait_for(uploading, 10) in ("ConnectionResetError", "BrokenPipeError")
+        finally:
+            uploading.cancel()
+            await asyncio.gather(uploading, return_exceptions=True)
+        writer.close()
+        await all_released(gateway)
+    finally:
+        for w in node_writers:
+            w.transport.abort()
+        server.close()
+        await gateway.stop()
+
+
+async def test_a_client_that_half_closes_and_never_reads_stalls_the_node_until_the_idle_bound(
+        cluster: DevCluster, short_dir: Path, node_servers: NodeServers) -> None:
+    gateway = await started(config(cluster, short_dir / "egress.sock", stream_idle_timeout=1.0))
+    try:
+        reader, writer = await connect(gateway, f"{cluster.sim_nodes[0].address}:{SOURCE_PORT}", "tcp")
+        writer.write_eof()
+        await wait_for(lambda: gateway.egress.connections == 0, 10, "the stream ended at its idle bound")
+        assert node_servers.source_written[0] < 64 * MiB  # the node was stalled, not drained into the gateway
+        assert await outcome(reader) == "reset"
+        writer.close()
+        await all_released(gateway)
+    finally:
+        await gateway.stop()
+
+
+async def test_many_streams_cut_at_random_give_everything_back(gw: Gateway, cluster: DevCluster,
+                                                              node_servers: NodeServers) -> None:
+    rnd = random.Random(7)
+    before = SPLICES["callbacks"]
+
+    async def one(i: int) -> None:
+        node = cluster.sim_nodes[i % 3]
+        reader, writer = await connect(gw, f"{node.address}:{ECHO_PORT if i % 2 else SOURCE_PORT}",
+                                       rnd.choice(["tcp", "unix"]))
+        how = rnd.choice(["reset", "close", "half-close", "abort"])
+        try:
+            writer.write(b"d" * rnd.randint(0, 2 * MiB))
+            if rnd.random() < 0.5:
+                await asyncio.wait_for(reader.read(rnd.randint(1, MiB)), 10)
+            if how == "reset" and writer.get_extra_info("socket").family == socket.AF_INET:
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                           struct.pack("ii", 1, 0))
+            elif how == "close":
+                writer.close()
+            elif how == "half-close":
+                writer.write_eof()
+                await asyncio.wait_for(reader.read(rnd.randint(1, 4 * MiB)), 10)
+        except ConnectionError:
+            pass
+        writer.transport.abort()
+
+    await asyncio.gather(*(one(i) for i in range(60)))
+    assert SPLICES["callbacks"] == before + 60
+    await all_released(gw)
