@@ -292,4 +292,25 @@ async def splice_in_callbacks(
             front.connection_lost(sp.lost[0])  # the front's writer waits for it to close
         with contextlib.suppress(StreamError):
             await stream.close()
+    if result.broken is None and not transport.is_closing() and transport.get_write_buffer_size():
+        await _deliver_the_rest(writer, limits, started, result, peer, target)
     return result
+
+
+async def _deliver_the_rest(writer: asyncio.StreamWriter, limits: StreamLimits, started: float,
+                            result: SpliceResult, peer: str, target: str) -> None:
+    """The splice ended cleanly with bytes still on their way to the client: the stream's bounds hold until the
+    client took them (the front's close would wait for them without any), and a client that does not take them in
+    time is reset, since it did not receive the whole stream (the task splice's last ``drain`` does the same)."""
+    waiting_since = time.monotonic()
+    writer.transport.set_write_buffer_limits(high=0)  # the front's protocol resumes once everything is sent
+    try:
+        async with asyncio.timeout(next_check(limits, started, waiting_since)):
+            await writer.drain()
+    except TimeoutError:
+        why = expired(limits, started, waiting_since) or "stream bound expired"
+        result.broken = why
+        audit_expiry(why, result, peer, target)
+        reset(writer)
+    except (ConnectionError, OSError) as exc:
+        result.broken = str(exc) or type(exc).__name__

@@ -1,7 +1,8 @@
 """The callback splice (:mod:`proxy.fastsplice`) through the gateway, against what is easy to get wrong: bytes the
 node sent with its 101 that a congested client does not take, a node that ends and closes its channel while the
 client is held back or sending, the client's bytes and end in the front's buffer at the switch, a stream held back
-both ways and cut, a half-closed client that never reads, and many streams cut at random."""
+both ways and cut, a half-closed client that never reads (and one that never takes the node's last bytes), and many
+streams cut at random."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,13 +151,12 @@ async def test_bytes_the_node_sent_with_its_101_that_the_client_does_not_take_ho
         server.close()
 
 
-def gateway_side_of(gw: Gateway) -> asyncio.Transport:
-    """The gateway's transport of the one client connection on the proxy front."""
-    writers = list(gw.proxy._writers)
+def gateway_side_of(gw: Gateway, front: str = "proxy") -> Any:
+    """The gateway's transport of the one client connection on a front (asyncio's or uvloop's, which does not
+    subclass asyncio.Transport)."""
+    writers = list((gw.proxy if front == "proxy" else gw.egress)._writers)
     assert len(writers) == 1
-    transport = writers[0].transport
-    assert isinstance(transport, asyncio.Transport)
-    return transport
+    return writers[0].transport
 
 
 @pytest.mark.both_loops
@@ -313,3 +314,40 @@ async def test_many_streams_cut_at_random_give_everything_back(gw: Gateway, clus
     await asyncio.gather(*(one(i) for i in range(60)))
     assert SPLICES["callbacks"] == before + 60
     await all_released(gw)
+
+
+@pytest.mark.both_loops
+async def test_the_last_bytes_a_client_does_not_take_are_still_bounded_by_the_idle_timeout(
+        cluster: DevCluster, short_dir: Path) -> None:
+    """The node answers in one burst and ends; the client, which half-closed, never reads: the splice has nothing
+    left to wait for, but its last bytes are still on their way, and the client must neither hold its connection
+    beyond the stream's idle bound nor see an end of data for a stream it did not receive."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)
+        writer.write(b"a" * 200_000)  # one burst, all of it passed to the client's transport
+        with contextlib.suppress(AssertionError):
+            await wait_for(lambda: getattr(gateway_side_of(gateway, "egress").get_protocol(), "client_full", False), 10,
+                           "the client's transport full")
+        writer.close()  # then the end
+
+    node = cluster.sim_nodes[0]
+    server = await asyncio.start_server(answer, node.address, HALF_PORT)
+    gateway = await started(config(cluster, short_dir / "egress.sock", stream_idle_timeout=1.0))
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.egress.ports[0]))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await wait_for(lambda: len(gateway.egress._writers) == 1, 10, "the gateway accepted the connection")
+        gateway_sock = gateway_side_of(gateway, "egress").get_extra_info("socket")
+        gateway_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # a congested link, as in the 101 test
+        writer.write(f"CONNECT {node.address}:{HALF_PORT} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        writer.write_eof()
+        await wait_for(lambda: gateway.egress.connections == 0, 10, "the connection given back at the idle bound")
+        assert await outcome(reader) == "reset"
+        writer.close()
+        await all_released(gateway)
+    finally:
+        await gateway.stop()
+        server.close()
