@@ -24,7 +24,7 @@ def peer_cred(sock: socket.socket | None) -> PeerCred | None:
         return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: uvloop's socket object once the connection is closed
         return None
     if len(raw) != _UCRED.size:
         return None

@@ -44,11 +44,12 @@ def reset(writer: asyncio.StreamWriter) -> None:
     """Drop the client connection so that a TCP client sees a reset (ECONNRESET), not an end of data.
 
     ``transport.abort()`` alone closes the socket with a FIN; ``SO_LINGER`` with a zero timeout makes the close a RST.
-    A unix socket has no reset: it is simply closed.
+    A unix socket has no reset: it is simply closed. A connection already closed is left alone (uvloop's socket
+    object then raises ValueError, not OSError, for any option).
     """
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
