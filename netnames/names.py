@@ -6,6 +6,7 @@ Patterns are matched with ``fullmatch``: ``"node-1\\n"`` is not ``"node-1"``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -101,9 +102,13 @@ def parse_host(value: object) -> str:
     raise ValueError(f"{_show(value)} is neither an IP address nor a host name")
 
 
+@functools.lru_cache(maxsize=4096)
 def host_key(host: str) -> tuple[str, IPAddress | None]:
     """A host as lookups key it, without validating it: ``[v6]`` brackets dropped, one trailing dot dropped, an IP
-    literal in its canonical form (and parsed), a name lower-cased. A zone id makes it no IP at all."""
+    literal in its canonical form (and parsed), a name lower-cased. A zone id makes it no IP at all.
+
+    A pure function of the string, remembered for the last few thousand hosts: each dial keys its host several times
+    (policy, owner lookup, the channel request), and parsing an IP literal is most of what a dial costs in Python."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if bare.endswith("."):
         bare = bare[:-1]

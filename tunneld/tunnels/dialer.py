@@ -42,5 +42,6 @@ class TunnelDialer:
                 raise NoTunnel(f"no node owns {host} and no tunnel is healthy")
             tunnel = self._rng.choice(healthy)
         stream = await tunnel.open_stream(host, port, self._settings.timeout)
-        log.debug("channel opened", extra={"node": tunnel.node.name, "channel": f"{host}:{port}"})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("channel opened", extra={"node": tunnel.node.name, "channel": f"{host}:{port}"})
         return stream
