@@ -137,18 +137,18 @@ class APIProxyFront:
         try:
             upstream = _Upstream(stream, up, ex.limits.idle_timeout)
             version = "v4.channel.k8s.io" if exec_like else "portforward.k8s.io"
-            await upstream.send(h11.Request(method=b"POST", target=path.encode(), headers=[
-                ("Host", up.authority), ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
-                ("X-Stream-Protocol-Version", version), ("Content-Length", "0")]))
-            await upstream.send(h11.EndOfMessage())
+            await upstream.send(upstream.head(b"POST", path.encode(), [
+                (b"host", up.authority.encode()), (b"connection", b"Upgrade"), (b"upgrade", b"SPDY/3.1"),
+                (b"x-stream-protocol-version", version.encode()), (b"content-length", b"0")], upgrade=True))
             event = await receive_head(upstream, None, self.response_timeout)
-            if not (isinstance(event, h11.InformationalResponse) and event.status_code == 101):
+            if event.status_code != 101:
                 await relay_body(ex, request, upstream, event, None, None)
                 return False
             await ex.send(h11.InformationalResponse(status_code=101, headers=accept))
             log.info("%s: WebSocket %s from the client, SPDY %s to %s", route.kind, protocol, version, up.what,
                      extra={"peer": str(ex.peer)})
-            leftover = bytes(upstream.conn.trailing_data[0])
+            assert upstream.response is not None
+            leftover = upstream.response.trailing
             if exec_like:
                 flags = {k for k, v in parse_qsl(path.partition("?")[2]) if v == "1"}
                 await wsbridge.translate_exec(ex, stream, leftover, flags)

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
-from proxy.errors import BadRequest, ClientGone, HeadersTooLarge, RequestTimeout, looks_like_tls, plain_words
+from proxy.errors import (
+    BadRequest,
+    ClientGone,
+    HeadersTooLarge,
+    ProxyError,
+    RequestTimeout,
+    looks_like_tls,
+    plain_words,
+)
 from proxy.failures import status_body
 from proxy.framing import ambiguity
 from proxy.splice import reset
@@ -103,15 +111,36 @@ class Exchange:
             except TimeoutError as exc:
                 raise RequestTimeout(f"request body stalled for {self.limits.idle_timeout:g}s") from exc
             except h11.RemoteProtocolError as exc:
-                if self.conn.trailing_data[1]:  # the client closed mid-body
-                    raise ClientGone("connection closed during the request body") from exc
-                raise BadRequest(f"bad request body: {plain_words(str(exc), from_client=True)}") from exc
+                raise self._body_refusal(exc) from exc
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
                 return
             else:
                 raise ClientGone("connection closed during the request body")
+
+    def buffered_body(self) -> tuple[list[bytes], bool, ProxyError | None]:
+        """The request body bytes already read from the client (no read, no wait): (chunks, whether the body's end is
+        among them, the refusal for a malformed body or None). After a refusal the body must not be read further."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                return chunks, False, self._body_refusal(exc)
+            if isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                return chunks, True, None
+            elif event is h11.NEED_DATA:
+                return chunks, False, None
+            else:
+                return chunks, False, ClientGone("connection closed during the request body")
+
+    def _body_refusal(self, exc: h11.RemoteProtocolError) -> ProxyError:
+        if self.conn.trailing_data[1]:  # the client closed mid-body
+            return ClientGone("connection closed during the request body")
+        return BadRequest(f"bad request body: {plain_words(str(exc), from_client=True)}")
 
     def empty_body(self, request: h11.Request) -> bool:
         """True, and the request's end consumed, when the current request carries no body (most GETs).

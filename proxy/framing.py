@@ -110,7 +110,7 @@ def response_headers(headers: Any, location_prefix: str | None) -> list[tuple[by
     return out
 
 
-def close_delimited(method: bytes, response: h11.Response) -> bool:
+def close_delimited(method: bytes, response: Any) -> bool:
     """True when the response's body runs until the upstream closes (no Content-Length, no chunking)."""
     if method == b"HEAD" or response.status_code in (204, 304):
         return False
