@@ -32,8 +32,12 @@ MAX_LENGTH_DIGITS = 18
 
 def ambiguity(headers: Any, http_version: bytes) -> str | None:
     """Why a message's body length could be read two ways, or None. ``headers`` as h11 parsed them."""
-    te = [v for n, v in headers if n == b"transfer-encoding"]
-    cl = [v for n, v in headers if n == b"content-length"]
+    te, cl = [], []
+    for n, v in headers:
+        if n == b"transfer-encoding":
+            te.append(v)
+        elif n == b"content-length":
+            cl.append(v)
     if te and cl:
         return "both Content-Length and Transfer-Encoding"
     if te and http_version == b"1.0":
@@ -70,11 +74,12 @@ def is_upgrade(request: h11.Request) -> bool:
 
 def request_headers(request: h11.Request, authority: str, peer_address: str) -> list[tuple[bytes, bytes]]:
     """The headers to send upstream: end-to-end headers, a fresh ``Host``, ``X-Forwarded-For``, one framing header."""
-    named = _connection_tokens(request.headers)
+    headers = list(request.headers)  # h11's headers are a Sequence that iterates item by item: once, not six times
+    named = _connection_tokens(headers)
     out: list[tuple[bytes, bytes]] = [(b"host", authority.encode())]
     forwarded_for = peer_address.rsplit(":", 1)[0] if ":" in peer_address else peer_address
     xff = None
-    for name, value in request.headers:
+    for name, value in headers:
         if name in HOP_BY_HOP or name in NEVER_FORWARD or name in named:
             continue
         if name == b"x-forwarded-for":
@@ -83,14 +88,15 @@ def request_headers(request: h11.Request, authority: str, peer_address: str) -> 
         out.append((name, value))
     if forwarded_for and forwarded_for != "unix":
         out.append((b"x-forwarded-for", (xff + b", " if xff else b"") + forwarded_for.encode()))
-    length = content_length(request.headers)
-    if is_chunked(request.headers):
+    length = content_length(headers)
+    if is_chunked(headers):
         out.append((b"transfer-encoding", b"chunked"))
     elif length is not None:
         out.append((b"content-length", str(length).encode()))
-    if is_upgrade(request):
+    upgrades = [v for n, v in headers if n == b"upgrade"]
+    if b"upgrade" in named and upgrades:  # is_upgrade
         out.append((b"connection", b"Upgrade"))
-        out.extend((b"upgrade", v) for n, v in request.headers if n == b"upgrade")
+        out.extend((b"upgrade", v) for v in upgrades)
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.logging import SSHLogger
 
 from netnames import normalize_host
 from tunneld.config import Node, SSHSettings
@@ -55,6 +56,23 @@ _OPEN_FAILURES = {
 }
 
 
+class _QuietLogger(SSHLogger):
+    """asyncssh's log adapter formats every argument of a line before the level is checked, and a channel's open and
+    close log five info lines: on every proxied request that formatting was done for nothing. This one checks the
+    level first (its children, the channels' loggers, are of this class too)."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            super().log(level, msg, *args, **kwargs)
+
+
+def _quiet_logger(conn: asyncssh.SSHClientConnection) -> None:
+    """Give ``conn`` (and so each channel it opens from now on) a :class:`_QuietLogger` with the same context."""
+    logger = getattr(conn, "_logger", None)
+    if type(logger) is SSHLogger:
+        conn._logger = _QuietLogger(logger.logger, "", logger._context)  # type: ignore[attr-defined]  # private in asyncssh
+
+
 class _Client(asyncssh.SSHClient):
     def __init__(self, dialled: str | None = None, lean: bool = False) -> None:
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -62,6 +80,7 @@ class _Client(asyncssh.SSHClient):
         self._lean = lean
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        _quiet_logger(conn)
         if self._dialled is not None:  # called before the key exchange: the host key is not checked yet
             _require_named_host_certificate(conn, self._dialled)
         if self._lean and leanpath.usable():
