@@ -1,8 +1,9 @@
 """How a forwarded message is framed: which headers cross the gateway, and which messages are refused as ambiguous.
 
 The gateway never passes framing through: each message's body is parsed on one side (by h11; an upstream's response
-by httptools with h11 as the arbiter of any unusual head, :mod:`proxy.upstreamhttp`) and framed again on the other, so a request's ``Content-Length`` and ``Transfer-Encoding`` are dropped and exactly one framing header is
-written for what was actually received. A message whose length could be read two ways is refused before any of it is
+by httptools with h11 as the arbiter of any unusual head, :mod:`proxy.upstreamhttp`) and framed again on the other,
+so a request's ``Content-Length`` and ``Transfer-Encoding`` are dropped and exactly one framing header is written for
+what was actually received. A message whose length could be read two ways is refused before any of it is
 forwarded (RFC 9112 section 6): both ``Content-Length`` and ``Transfer-Encoding``, ``Transfer-Encoding`` in an
 HTTP/1.0 message, an over-long ``Content-Length``. h11 itself refuses differing ``Content-Length`` values, a
 ``Content-Length`` that is not digits, any ``Transfer-Encoding`` but a single ``chunked``, a chunk size over 20 hex
