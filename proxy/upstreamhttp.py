@@ -126,6 +126,7 @@ class ResponseParser:
         name = name.lower()
         value = value.strip(b" \t")
         if name == b"transfer-encoding":
+            value = value.lower()  # as h11 gives it
             self._te.append(value)
         elif name == b"content-length":
             self._length = value
@@ -183,7 +184,7 @@ class ResponseParser:
         except (httptools.HttpParserError, httptools.HttpParserCallbackError) as exc:
             if self._complete:
                 return
-            if isinstance(exc.__context__, _TooLarge) or (self._in_head and self._raw_size > self._max_head):
+            if isinstance(exc.__context__, _TooLarge):  # counted by header: the read may hold body bytes too
                 self._raw = None
                 self._error = "response head too large"
             elif self._raw is not None:

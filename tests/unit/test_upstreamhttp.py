@@ -72,12 +72,13 @@ def by_h11(data: bytes, method: bytes = b"GET", eof: bool = True) -> list[Any]:
 
 
 def same(events: list[Any]) -> list[Any]:
-    """Body pieces joined (parsers split bodies differently), errors reduced to the fact of one."""
+    """Body pieces joined (parsers split bodies differently), errors and cuts reduced to the fact of one (h11 raises
+    for a body cut short; the parser says CUT: either way the exchange ends with an error)."""
     out: list[Any] = []
     for e in events:
         if isinstance(e, bytes) and out and isinstance(out[-1], bytes):
             out[-1] += e
-        elif isinstance(e, tuple):
+        elif isinstance(e, tuple) or e is CUT:  # an incomplete response, refused or cut: the client is cut off
             out.append("error")
         elif not (isinstance(e, bytes) and not e):
             out.append(e)
@@ -213,11 +214,13 @@ def test_trailers_are_dropped_and_bytes_after_the_response_ignored() -> None:
     assert same(events)[1:] == [b"ok", END] and (b"x-trailer", b"1") not in head(events).headers
 
 
-def test_a_101_keeps_the_bytes_after_its_head() -> None:
+@pytest.mark.parametrize("after", [b"\x80\x03raw", bytes(range(256)) * 1024], ids=["short", "256-KiB-in-the-same-read"])
+def test_a_101_keeps_the_bytes_after_its_head(after: bytes) -> None:
+    """However many bytes came in the same read as the head (they are not part of the head)."""
     p = ResponseParser(b"POST", MAX_HEAD, UPGRADE)
-    p.receive(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n\x80\x03raw")
+    p.receive(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n" + after)
     event = p.next_event()
-    assert isinstance(event, Head) and event.status_code == 101 and p.trailing == b"\x80\x03raw"
+    assert isinstance(event, Head) and event.status_code == 101 and p.trailing == after
 
 
 def test_the_request_head_refuses_control_characters() -> None:
