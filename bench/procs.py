@@ -165,6 +165,26 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def sched_seconds(pids: list[int]) -> tuple[float, float]:
+    """Seconds ``pids``' live threads spent on a CPU and waiting on a run queue for one (runnable, not running):
+    the first two fields of ``/proc/PID/task/*/schedstat``. A process whose two add up to the wall time never
+    waited for anything but a CPU."""
+    run = wait = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (task / "schedstat").read_text().split()
+                run += int(fields[0])
+                wait += int(fields[1])
+    return run / 1e9, wait / 1e9
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle so far, all cores (``/proc/stat``): every process, ours or not."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK  # user..steal, less idle and iowait
+
+
 def cpu_percent(before: Usage, after: Usage) -> float:
     """CPU use between two samples, in percent of one core."""
     return 100.0 * (after.cpu_seconds - before.cpu_seconds) / max(after.at - before.at, 1e-9)

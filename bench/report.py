@@ -126,12 +126,16 @@ def _sshd_tables(s: dict[str, Any], console: Console) -> None:
     if s.get("parallel"):
         t = Table(title=f"{s['tunnels']} streams at once, one per tunnel ({s['parallel_bytes_per_stream'] // MiB} MiB "
                         f"each): the gateway's {s['tunnels']} tunnels vs {s['tunnels']} ssh -L processes")
-        for col in ("direction", "ssh -L MiB/s", "gateway MiB/s", "ratio", "ssh CPU s/GiB", "gateway CPU s/GiB"):
+        for col in ("direction", "ssh -L MiB/s", "gateway MiB/s", "ratio", "ssh CPU s/GiB", "gateway CPU s/GiB",
+                    "gateway on CPU / waiting for one", "machine busy (gateway's run)"):
             t.add_column(col, justify="left" if col == "direction" else "right")
         for label, v in s["parallel"].items():
-            t.add_row(label, f"{v['ssh -L']['aggregate_mib_per_s']:.0f}",
-                      f"{v['gateway CONNECT']['aggregate_mib_per_s']:.0f}", f"{v['ratio_gateway_to_ssh']:.2f}x",
-                      f"{v['ssh -L']['cpu_s_per_gib']:.2f}", f"{v['gateway CONNECT']['cpu_s_per_gib']:.2f}")
+            g = v["gateway CONNECT"]
+            t.add_row(label, f"{v['ssh -L']['aggregate_mib_per_s']:.0f}", f"{g['aggregate_mib_per_s']:.0f}",
+                      f"{v['ratio_gateway_to_ssh']:.2f}x", f"{v['ssh -L']['cpu_s_per_gib']:.2f}",
+                      f"{g['cpu_s_per_gib']:.2f}",
+                      f"{g.get('on_cpu_cores', 0):.2f} / {g.get('runqueue_wait_per_s', 0):.2f}",
+                      f"{g.get('machine_busy_cores', 0):.2f} cores")
         console.print(t)
 
 

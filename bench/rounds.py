@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,12 +133,21 @@ def one_round(p: Paths, round_no: int, *, nbytes: int, requests: int, opens_seq:
             row = {}
             for name in _ordered(("ssh -L", "gateway CONNECT"), round_no):
                 openers, who = (p.ssh_sinks, p.ssh_pids) if name == "ssh -L" else (p.gw_sinks, gw)
+                (run0, wait0), busy0, t0 = procs.sched_seconds(who), procs.machine_busy_seconds(), time.monotonic()
                 mib, cpu = _timed(who, lambda o=openers, d=direction: clients.parallel(  # type: ignore[misc]
                     o, parallel_bytes, d))
-                row[name] = {"aggregate_mib_per_s": mib, "cpu_s_per_gib": cpu * GiB / (parallel_bytes * len(openers))}
+                wall = time.monotonic() - t0
+                (run1, wait1), busy1 = procs.sched_seconds(who), procs.machine_busy_seconds()
+                row[name] = {"aggregate_mib_per_s": mib, "cpu_s_per_gib": cpu * GiB / (parallel_bytes * len(openers)),
+                             # Where the forwarding process(es) stood, per wall second: on a CPU, and runnable but
+                             # waiting for one; and how busy the whole machine was (all cores, anyone's processes).
+                             "on_cpu_cores": (run1 - run0) / wall, "runqueue_wait_per_s": (wait1 - wait0) / wall,
+                             "machine_busy_cores": (busy1 - busy0) / wall}
             out["parallel"][direction] = row
             log(f"  round {round_no + 1} {len(p.gw_sinks)} streams {direction:4} " + "  ".join(
-                f"{k} {v['aggregate_mib_per_s']:.0f}" for k, v in row.items()) + " MiB/s")
+                f"{k} {v['aggregate_mib_per_s']:.0f} MiB/s (on CPU {v['on_cpu_cores']:.2f}, waiting for one "
+                f"{v['runqueue_wait_per_s']:.2f}; machine {v['machine_busy_cores']:.2f} cores busy)"
+                for k, v in row.items()))
     return out
 
 
@@ -178,7 +188,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 runs = [r["parallel"][direction][name] for r in rounds]
                 par[name] = {"aggregate_mib_per_s": _med([x["aggregate_mib_per_s"] for x in runs], 1),
                              "runs": [round(x["aggregate_mib_per_s"], 1) for x in runs],
-                             "cpu_s_per_gib": _med([x["cpu_s_per_gib"] for x in runs], 3)}
+                             "cpu_s_per_gib": _med([x["cpu_s_per_gib"] for x in runs], 3),
+                             **{k: _med([x[k] for x in runs], 3) for k in
+                                ("on_cpu_cores", "runqueue_wait_per_s", "machine_busy_cores")}}
             vals = [r["parallel"][direction]["gateway CONNECT"]["aggregate_mib_per_s"]
                     / r["parallel"][direction]["ssh -L"]["aggregate_mib_per_s"] for r in rounds]
             par["ratio_gateway_to_ssh"] = _med(vals)

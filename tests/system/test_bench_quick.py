@@ -100,6 +100,9 @@ def test_bench_quick_prints_every_figure_beside_its_target(tmp_path: Path) -> No
         assert sec["cpu_ratio_gateway_to_ssh"] > 0 and sec["ratio_grpc_to_connect"] > 0
         par = s["parallel"][direction]
         assert par["ssh -L"]["aggregate_mib_per_s"] > 0 and par["ratio_gateway_to_ssh"] > 0
+        gw = par["gateway CONNECT"]  # where the gateway stood while it forwarded: on a CPU, or waiting for one
+        assert 0 < gw["on_cpu_cores"] <= gw["machine_busy_cores"] <= (os.cpu_count() or 1) + 0.05
+        assert gw["runqueue_wait_per_s"] >= 0
     assert len(s["latency"]) == 8 and all(v["n"] == 600 and v["p50_ms"] > 0 for v in s["latency"].values())
     for name in ("ssh -L (new connection = new channel)", "gateway proxy URL (new channel per request)",
                  "gateway gRPC (new dial = new channel)"):

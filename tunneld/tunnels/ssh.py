@@ -31,7 +31,7 @@ from tunneld.errors import (
     HostKeyRejected,
     TunnelDown,
 )
-from tunneld.tunnels import leanpath
+from tunneld.tunnels import keepalive, leanpath
 from tunneld.tunnels.sshchannel import CHANNEL_WINDOW, READ_SIZE, ChannelStream, Counters, Session
 from tunneld.tunnels.sshchannel import describe as _describe
 
@@ -78,9 +78,12 @@ class _Client(asyncssh.SSHClient):
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._dialled = dialled
         self._lean = lean
+        self._conn: asyncssh.SSHClientConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         _quiet_logger(conn)
+        self._conn = conn
+        keepalive.install(conn)
         if self._dialled is not None:  # called before the key exchange: the host key is not checked yet
             _require_named_host_certificate(conn, self._dialled)
         if self._lean and leanpath.usable():
@@ -89,6 +92,9 @@ class _Client(asyncssh.SSHClient):
                 log.warning("lean SSH packet path not used for this connection: %s", why)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            keepalive.uninstall(self._conn)
+            self._conn = None
         if not self.lost.done():
             self.lost.set_result(_describe(exc) if exc else "connection closed")
 
