@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,11 +69,17 @@ async def connect(gw: Gateway, target: str, over: str = "unix") -> tuple[asyncio
     return reader, writer
 
 
-def gateway_side(gw: Gateway) -> asyncio.Transport:
-    """The gateway's transport of the one client connection on the egress front."""
-    writers = list(gw.egress._writers)
+def gateway_side_of(gw: Gateway, front: str = "proxy") -> Any:
+    """The gateway's transport of the one client connection on a front (asyncio's or uvloop's, which does not
+    subclass asyncio.Transport)."""
+    writers = list((gw.proxy if front == "proxy" else gw.egress)._writers)
     assert len(writers) == 1
-    transport = writers[0].transport
+    return writers[0].transport
+
+
+def gateway_side(gw: Gateway) -> asyncio.Transport:
+    """The gateway's transport of the one client connection on the egress front, under asyncio."""
+    transport = gateway_side_of(gw, "egress")
     assert isinstance(transport, asyncio.Transport)
     return transport
 

@@ -13,7 +13,6 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,7 +24,17 @@ from tunneld.dev.cluster import DevCluster
 from ..proxyauth import bearer_of
 from ..waiting import wait_for
 from .conftest import ECHO_PORT, SOURCE_PORT, NodeServers, source_stalls, started
-from .test_fastsplice import DEAF_PORT, HALF_PORT, PACKET, UPGRADE_PORT, MiB, config, connect, gateway_side
+from .test_fastsplice import (
+    DEAF_PORT,
+    HALF_PORT,
+    PACKET,
+    UPGRADE_PORT,
+    MiB,
+    config,
+    connect,
+    gateway_side,
+    gateway_side_of,
+)
 from .test_stream_ends import all_released, outcome
 
 
@@ -149,14 +158,6 @@ async def test_bytes_the_node_sent_with_its_101_that_the_client_does_not_take_ho
         await all_released(gw)
     finally:
         server.close()
-
-
-def gateway_side_of(gw: Gateway, front: str = "proxy") -> Any:
-    """The gateway's transport of the one client connection on a front (asyncio's or uvloop's, which does not
-    subclass asyncio.Transport)."""
-    writers = list((gw.proxy if front == "proxy" else gw.egress)._writers)
-    assert len(writers) == 1
-    return writers[0].transport
 
 
 @pytest.mark.both_loops
