@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 
 from proxy.dialer import Stream, StreamError
@@ -32,8 +31,6 @@ from proxy.fastsplice import splice_in_callbacks, takeover_possible
 from proxy.spliceends import SPLICES, SpliceResult, StreamLimits, audit_expiry, expired, next_check, reset
 
 __all__ = ["CHUNK", "SPLICES", "SpliceResult", "StreamLimits", "reset", "splice"]
-
-log = logging.getLogger("proxy.splice")
 
 CHUNK = 64 * 1024
 """One read from either side: what the gateway holds for a stream besides the SSH channel's window."""
